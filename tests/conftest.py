@@ -1,0 +1,112 @@
+"""Fixtures: tiny random models (BERT WordPiece and RoBERTa byte-level BPE) saved like hub models, and
+tiny corpora. Nothing here touches the network."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratag.config import Config, LoraSettings, TrainConfig
+
+RESOURCES = Path(__file__).parent / "resources"
+SHARED_DATA = Path(os.environ.get("LORATAG_BIONLP_DIR", Path(__file__).parents[2] / "shared/data/bionlp2004"))
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _corpus_words() -> list[str]:
+    words = set()
+    for split in ("train", "validation", "test"):
+        for line in (RESOURCES / "tiny" / f"{split}.json").read_text().splitlines():
+            words.update(w.lower() for w in json.loads(line)["tokens"])
+    return sorted(words)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT with a WordPiece vocabulary, saved as a model directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    pieces = [f"##{c}" for c in string.ascii_lowercase + string.digits + "-"]
+    vocab = SPECIALS + list(string.ascii_lowercase + string.digits + string.punctuation) + pieces + _corpus_words()
+    vocab = list(dict.fromkeys(vocab))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), model_max_length=64).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A 2-layer RoBERTa with a byte-level BPE tokenizer (needs add_prefix_space for split words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-roberta")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [" ".join(_corpus_words())] * 3
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = RobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=64,
+    )
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    RobertaModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_cfg(tiny_bert) -> Config:
+    """Settings for a run of a few seconds on the tiny BERT and the tiny corpus."""
+    return Config(
+        model=str(tiny_bert),
+        data=str(RESOURCES / "tiny"),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1, bias="none"),
+        train=TrainConfig(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0),
+    )

@@ -1,0 +1,170 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratag.cli import main
+
+from .conftest import RESOURCES
+
+ROBERTA_LARGE = {  # config.json of roberta-large: enough to count parameters on the meta device
+    "architectures": ["RobertaForMaskedLM"],
+    "attention_probs_dropout_prob": 0.1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 1024,
+    "initializer_range": 0.02,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 514,
+    "model_type": "roberta",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "pad_token_id": 1,
+    "type_vocab_size": 1,
+    "vocab_size": 50265,
+}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--lora-r",
+        "--lora-alpha",
+        "--lora-dropout",
+        "--bias",
+        "--target-modules",
+        "--lr",
+        "--batch-size",
+        "--epochs",
+        "--weight-decay",
+        "--warmup-ratio",
+        "--max-length",
+        "--seed",
+        "--max-train-sentences",
+        "--config",
+        "--resume",
+        "--overwrite",
+        "examples:",
+    ):
+        assert flag in text
+
+
+def test_params_roberta_large_guide(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(ROBERTA_LARGE))
+    code, out, _ = run(capsys, "params", "--model", tmp_path, "--bias", "all", "--lora-r", 16, "--lora-alpha", 16)
+    assert code == 0
+    assert out.startswith("trainable params: 1,855,499 || all params: 355,905,558 || trainable%: 0.52")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/r"], "data directory not found"),
+        (["train", "--data", "{res}/tiny", "--out", "{tmp}/r", "--lora-dropout", "1.5"], "--lora-dropout must be"),
+        (["train", "--data", "{res}/tiny", "--out", "{tmp}/r", "--model", "./no-such-model"], "model directory not"),
+        (["train", "--out", "{tmp}/r"], "--data is required"),
+        (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+        (["evaluate", "{tmp}/nope", "--data", "{res}/tiny"], "not found"),
+        (["predict", "{tmp}", "--text", "x"], "no adapter_config.json"),
+        (["train", "--config", "{tmp}/nope.json", "--out", "{tmp}/r"], "config file not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, res=RESOURCES) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith(f"loratag {argv[0]}: error:")
+
+
+def test_bad_data_exits_2_naming_file_and_line(tiny_bert, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.conll").write_text("a\tO\nb\tB-DNA\textra\n")
+    (d / "dev.conll").write_text("a\tO\n")
+    code, _, err = run(capsys, "train", "--model", tiny_bert, "--data", d, "--out", tmp_path / "r")
+    assert code == 2 and "train.conll:2: expected 2 columns" in err
+
+
+def test_push_offline_fails_clearly(tiny_cfg, tmp_path, capsys):
+    from loratag.train import train
+
+    r = train(tiny_cfg, tmp_path / "r", progress=False, stop_after_steps=1)
+    code, _, err = run(capsys, "push", r, "--repo-id", "someone/adapter")
+    assert code == 2 and "could not push to the Hub repository 'someone/adapter'" in err
+
+
+def test_guide_saved_adapter_loads_in_evaluate_and_predict(tiny_bert, tmp_path, capsys):
+    """An adapter saved by plain PEFT with the guide's code (bias all, no label file beside it)."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    label2id = json.loads((RESOURCES / "tiny/label.json").read_text())
+    id2label = {v: k for k, v in label2id.items()}
+    torch.manual_seed(0)
+    base = AutoModelForTokenClassification.from_pretrained(
+        tiny_bert, num_labels=7, id2label=id2label, label2id=label2id
+    )
+    cfg = LoraConfig(
+        task_type=TaskType.TOKEN_CLS, r=16, lora_alpha=16, lora_dropout=0.1, bias="all", init_lora_weights=False
+    )
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(0.5)  # trained-looking biases, so that losing them would show
+    adapter = tmp_path / "guide-adapter"
+    model.save_pretrained(adapter)
+
+    code, out, err = run(capsys, "evaluate", adapter, "--data", RESOURCES / "tiny", "--split", "validation")
+    assert code == 0, err
+    assert json.loads(out)["split"] == "validation"
+
+    code, out, err = run(
+        capsys,
+        "predict",
+        adapter,
+        "--labels",
+        RESOURCES / "tiny/label.json",
+        "--text",
+        "IL-2 binds its receptor on T cells .",
+    )
+    assert code == 0, err
+    got = [line.split("\t")[1] for line in out.splitlines() if line]
+
+    fresh = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=7)
+    ref = PeftModel.from_pretrained(fresh, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = "IL-2 binds its receptor on T cells .".split()
+    enc = tok(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = ref(**enc).logits[0].argmax(-1).tolist()
+    wids = enc.word_ids()
+    expected = [id2label[ids[p]] for p, w in enumerate(wids) if w is not None and (p == 0 or wids[p - 1] != w)]
+    from loratag.labels import repair_iob2
+
+    assert got == repair_iob2(expected)[0]
+
+
+def test_evaluate_writes_metrics_into_the_run(tiny_cfg, tmp_path, capsys):
+    from loratag.train import train
+
+    r = train(tiny_cfg, tmp_path / "r", progress=False)
+    code, out, _ = run(capsys, "evaluate", r, "--data", RESOURCES / "tiny-conll", "--split", "test")
+    assert code == 0
+    printed = json.loads(out)
+    assert json.loads(Path(r / "eval-test.json").read_text()) == printed
+    m = json.loads((r / "metrics.json").read_text())
+    assert printed["f1"] == m["test"]["f1"]  # the CoNLL copy of the same data scores the same

@@ -1,0 +1,87 @@
+import random
+
+import pytest
+
+from loratag.encoding import IGNORE, align_labels, batches, collate, encode, plan_windows
+from loratag.modeling import load_tokenizer
+
+
+def test_align_labels_literal():
+    assert align_labels([None, 0, 0, 1, None], [3, 0]) == [-100, 3, -100, 0, -100]
+    # a window that owns only word 1: word 0 and 2 are another window's
+    assert align_labels([None, 0, 1, 1, 2, None], [5, 6, 7], first=1, last=2) == [
+        IGNORE,
+        IGNORE,
+        6,
+        IGNORE,
+        IGNORE,
+        IGNORE,
+    ]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_plan_windows_owns_every_word_once(seed):
+    rng = random.Random(seed)
+    counts = [rng.randint(1, 6) for _ in range(rng.randint(1, 80))]
+    budget = rng.randint(6, 30)
+    plan = plan_windows(counts, budget)
+    owned = [w for _, _, first, last in plan for w in range(first, last)]
+    assert owned == list(range(len(counts)))
+    for s, e, first, last in plan:
+        assert s <= first <= last <= e
+        assert sum(counts[s:e]) <= budget or e - s == 1
+
+
+def test_long_sentence_becomes_windows_and_keeps_every_word(tiny_bert):
+    tok = load_tokenizer(str(tiny_bert))
+    words = ["il-2", "gene", "expression", "requires", "nf-kappa", "b", "."] * 12
+    windows, windowed = encode(tok, [words, words[:5]], max_length=24)
+    assert windowed == 1
+    assert all(len(w.input_ids) <= 24 for w in windows)
+    first_owned = sorted(
+        wid
+        for w in windows
+        if w.sentence == 0
+        for pos, wid in enumerate(w.word_ids)
+        if wid is not None and (pos == 0 or w.word_ids[pos - 1] != wid) and w.first <= wid < w.last
+    )
+    assert first_owned == list(range(len(words)))
+    assert [w for w in windows if w.sentence == 1][0].first == 0
+
+
+def test_word_without_subtokens_gets_unk(tiny_bert):
+    tok = load_tokenizer(str(tiny_bert))
+    windows, _ = encode(tok, [["gene", "\u200b", "b"]], max_length=64)
+    assert sorted({w for w in windows[0].word_ids if w is not None}) == [0, 1, 2]
+
+
+def test_byte_level_bpe_gets_prefix_space(tiny_roberta):
+    tok = load_tokenizer(str(tiny_roberta))
+    ids = tok(["gene"], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[0].startswith("\u0120")  # Ġ: the word is read as if after a space
+
+
+def test_collate_pads_and_labels(tiny_bert):
+    tok = load_tokenizer(str(tiny_bert))
+    windows, _ = encode(tok, [["gene", "b"], ["gene"]], 64)
+    batch = collate(windows, tok.pad_token_id, labels=[[1, 2], [3]], multiple=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum().item() == len(windows[0].input_ids) + len(windows[1].input_ids)
+    assert [x for x in batch["labels"][0].tolist() if x != IGNORE] == [1, 2]
+
+
+def test_batches_cover_all_once_and_are_reproducible():
+    lengths = [random.Random(i).randint(5, 100) for i in range(1000)]
+    a = batches(lengths, 16, seed=3)
+    assert sorted(i for b in a for i in b) == list(range(1000))
+    assert a == batches(lengths, 16, seed=3) and a != batches(lengths, 16, seed=4)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in a)
+    random_padded = sum(len(b) * max(lengths[i] for i in b) for b in batches(lengths, 16, seed=3, group=False))
+    assert padded < 0.7 * random_padded
+
+
+def test_token_budget():
+    lengths = [10] * 50 + [100] * 5
+    out = batches(lengths, 16, batch_tokens=200, seed=0)
+    assert sorted(i for b in out for i in b) == list(range(55))
+    assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in out)
