@@ -40,7 +40,9 @@ def tiny_bert(tmp_path_factory) -> Path:
     vocab = SPECIALS + list(string.ascii_lowercase + string.digits + string.punctuation) + pieces + _corpus_words()
     vocab = list(dict.fromkeys(vocab))
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), model_max_length=64).save_pretrained(d)
+    BertTokenizerFast(vocab=str(d / "vocab.txt"), model_max_length=64).save_pretrained(
+        d
+    )  # v5: vocab=, not vocab_file=
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=len(vocab),
@@ -110,3 +112,19 @@ def tiny_cfg(tiny_bert) -> Config:
         lora=LoraSettings(r=4, alpha=8, dropout=0.1, bias="none"),
         train=TrainConfig(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nodrop(tmp_path_factory, tiny_bert) -> Path:
+    """The tiny BERT without dropout: training is then deterministic across process counts."""
+    import shutil
+
+    from transformers import BertConfig
+
+    d = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    for p in tiny_bert.iterdir():
+        shutil.copy2(p, d / p.name)
+    cfg = BertConfig.from_pretrained(d)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    cfg.save_pretrained(d)
+    return d

@@ -85,3 +85,11 @@ def test_token_budget():
     out = batches(lengths, 16, batch_tokens=200, seed=0)
     assert sorted(i for b in out for i in b) == list(range(55))
     assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in out)
+
+
+def test_tiny_tokenizers_know_their_words(tiny_bert, tiny_roberta):
+    """Guards the fixtures: transformers 5 silently ignores BertTokenizerFast(vocab_file=...)."""
+    bert = load_tokenizer(str(tiny_bert))
+    assert bert.vocab_size > 100 and bert.unk_token_id not in bert("gene cells", add_special_tokens=False)["input_ids"]
+    roberta = load_tokenizer(str(tiny_roberta))
+    assert roberta.unk_token_id not in roberta(["gene", "cells"], is_split_into_words=True)["input_ids"]

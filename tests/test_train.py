@@ -79,9 +79,11 @@ def test_train_save_reload_identical(base, bias, request, tiny_cfg, tmp_path, ca
     ]
     assert bool(trained_biases) == (bias != "none")
 
-    assert main(["predict", str(run), "--text", "IL-2 gene expression requires NF-kappa B."]) == 0
+    text = "IL-2 gene expression requires NF-kappa B."
+    assert main(["predict", str(run), "--words", "--text", text]) == 0
     printed = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line]
-    assert printed == [[w.text, lab] for w, lab in mem.predict_text("IL-2 gene expression requires NF-kappa B.")]
+    doc = mem.predict_text(text)
+    assert printed == [[w.text, lab] for w, lab in zip(doc.words, doc.labels)]
 
 
 def test_metrics_and_card(tiny_cfg, tmp_path):

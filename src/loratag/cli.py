@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   loratag train --out runs/bionlp --resume                                   # after a crash or kill
   loratag evaluate runs/bionlp --data ../shared/data/bionlp2004 --split test
   loratag predict runs/bionlp --text "IL-2 gene expression requires NF-kappa B."
+  loratag predict runs/bionlp --input abstracts.jsonl --output entities.jsonl
+  loratag export runs/bionlp --out models/bionlp-merged                     # for transformers.pipeline
   loratag params --model roberta-large --bias all
 """
 
@@ -47,10 +49,15 @@ def _add_fields(parser, cls, dest_prefix: str, skip: tuple[str, ...] = ()) -> No
             continue
         flag = f.metadata["flag"]
         help_text = f"{f.metadata['help']} [default: {f.default}]"
+
+        def convert(text: str, f=f):
+            return _parse_value(f, text)
+
+        convert.__name__ = str(f.type).split(" ")[0]  # argparse names the type in "invalid int value: 'x'"
         group.add_argument(
             flag,
             dest=f"{dest_prefix}{f.name}",
-            type=lambda s, f=f: _parse_value(f, s),
+            type=convert,
             default=argparse.SUPPRESS,
             choices=f.metadata.get("choices"),
             metavar=f.metadata.get("metavar", f.name.upper()),
@@ -103,12 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", type=Path, help="label.json for adapters saved without labels [default: the data's]")
     e.add_argument("--device")
 
-    pr = sub.add_parser("predict", help="label each word of a text or file")
+    pr = sub.add_parser(
+        "predict",
+        help="tag raw text or files: entities with character offsets",
+        description="Raw text is split into sentences and words (GENIA-style), each word labelled by its first "
+        "sub-token, IOB2 decoded into entities with character offsets and a score. Documents of any length: "
+        "long sentences go through overlapping windows.",
+    )
     pr.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="one text to tag")
-    src.add_argument("--input", type=Path, help="a UTF-8 text file, one document per line")
+    src.add_argument(
+        "--input",
+        type=Path,
+        help="a folder of .txt files (one document each), .jsonl with a 'text' field, .conll/.tsv pre-split "
+        "words, or plain text with one document per line",
+    )
+    pr.add_argument("--output", type=Path, help="write .jsonl (one document per line, in input order) or .conll")
+    pr.add_argument("--words", action="store_true", help="print each word with its label instead of entities")
     pr.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
+    pr.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of Linear layers (CPU)")
+    pr.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
+    pr.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
+    pr.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     pr.add_argument("--device")
 
     pa = sub.add_parser(
@@ -120,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--num-labels", type=int, default=11, help="classifier size [default: 11, BioNLP2004]")
     _add_fields(pa, LoraSettings, "lora.")
 
+    ex = sub.add_parser(
+        "export",
+        help="write a standalone transformers model (LoRA merged, head, id2label) for pipeline()",
+        description="The result loads with transformers.pipeline('token-classification', model=DIR) as is.",
+    )
+    ex.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
+    ex.add_argument("--out", required=True, type=Path, help="directory to write")
+    ex.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
+    ex.add_argument("--overwrite", action="store_true")
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve many adapters on one base model over HTTP (FastAPI)",
+        description="Loads every run's adapter onto one shared base model and answers POST /v1/tag, "
+        "GET /v1/adapters, /healthz, /metrics (Prometheus) and a web page at /. Concurrent requests are "
+        "batched across adapters. Needs the serve extra: pip install 'loratag[serve]'.",
+    )
+    sv.add_argument("runs", nargs="*", help="run directories; RUN:NAME names the adapter [default: the folder name]")
+    sv.add_argument("--runs-dir", type=Path, help="serve every run directory in this folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests [default: 5]")
+    sv.add_argument("--max-batch-texts", type=int, default=256, help="texts per forward batch at most")
+    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests before 503 [default: 1024]")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit [default: 1 MiB]")
+    sv.add_argument("--max-text-chars", type=int, default=100_000, help="characters per text at most")
+    sv.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
+
     pu = sub.add_parser("push", help="upload a run's adapter and model card to the Hugging Face Hub")
     pu.add_argument("run", type=Path)
     pu.add_argument("--repo-id", required=True, help="user/name on the Hub")
@@ -130,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> None:
     from .train import train
 
+    given = [k for k in vars(args) if k in ("model", "data") or k.startswith(("lora.", "train."))]
+    if args.resume and (given or args.config):
+        raise ValueError("--resume continues with the settings saved in the run's config.json; drop the other flags")
     cfg = Config() if args.resume else _config_from_args(args)
     if not args.resume and not cfg.data:
         raise ValueError("--data is required (a hub dataset name or a local folder)")
@@ -145,12 +201,6 @@ def _cmd_train(args) -> None:
     print(json.dumps(summary))
 
 
-def _tagger(args, labels=None):
-    from .inference import Tagger
-
-    return Tagger.load(args.run, labels=labels, device=args.device)
-
-
 def _cmd_evaluate(args) -> None:
     from .data import load_corpus
     from .evaluation import evaluate
@@ -164,7 +214,9 @@ def _cmd_evaluate(args) -> None:
     labels = LabelSet.load(args.labels) if args.labels else None
     if labels is None and not (args.run / "labels.json").exists():
         labels = corpus.labels
-    tagger = _tagger(args, labels)
+    from .inference import Tagger
+
+    tagger = Tagger.load(args.run, labels=labels, device=args.device)
     unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
     if unknown:  # label ids may be ordered differently; names must be known to the model
         raise ValueError(
@@ -184,23 +236,26 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_predict(args) -> None:
+    from .inference import Tagger
     from .labels import LabelSet
+    from .predict import predict, read_texts
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    texts = [args.text] if args.text is not None else read_texts(args.input)
     labels = LabelSet.load(args.labels) if args.labels else None
-    tagger = _tagger(args, labels)
-    if args.text is not None:
-        texts = [args.text]
-    else:
-        if not args.input.is_file():
-            raise FileNotFoundError(f"input file not found: {args.input}")
-        try:
-            texts = args.input.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{args.input}: not UTF-8 (offset {e.start})") from None
-    for text in texts:
-        for word, label in tagger.predict_text(text):
-            print(f"{word.text}\t{label}")
-        print()
+    tagger = Tagger.load(
+        args.run,
+        labels=labels,
+        device=args.device,
+        merge=not args.no_merge,
+        quantize=args.quantize,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    n = predict(tagger, texts, args.output, words=args.words, progress=args.output is not None)
+    if args.output is not None:
+        print(f"{n} documents -> {args.output}", file=sys.stderr)
 
 
 def _cmd_params(args) -> None:
@@ -218,6 +273,37 @@ def _cmd_params(args) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
+def _cmd_export(args) -> None:
+    from .inference import Tagger
+    from .labels import LabelSet
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    tagger = Tagger.load(args.run, labels=LabelSet.load(args.labels) if args.labels else None, device="cpu")
+    tagger.export(args.out)
+    print(f"merged model -> {args.out}")
+
+
+def _cmd_serve(args) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ValueError("loratag serve needs FastAPI and uvicorn: pip install 'loratag[serve]'") from None
+    from .serve import AdapterPool, ServeSettings, parse_runs, run
+
+    settings = ServeSettings(
+        wait_ms=args.batch_wait_ms,
+        max_batch_texts=args.max_batch_texts,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_text_chars=args.max_text_chars,
+        batching=not args.no_batching,
+    )
+    pool = AdapterPool(parse_runs(args.runs, args.runs_dir), device=args.device)
+    run(pool, args.host, args.port, settings)
+
+
 def _cmd_push(args) -> None:
     from .hub import push
 
@@ -229,6 +315,8 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
     "params": _cmd_params,
+    "export": _cmd_export,
+    "serve": _cmd_serve,
     "push": _cmd_push,
 }
 

@@ -36,9 +36,14 @@ def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict
     }
 
 
-def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = False) -> dict:
-    """Scores of the tagger on gold sentences; every gold word is predicted (long ones through windows)."""
-    pred = tagger.predict_words([s.tokens for s in sentences], progress=progress)
+def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = False, dist=None) -> dict:
+    """Scores of the tagger on gold sentences; every gold word is predicted (long ones through windows).
+    ``dist`` (data-parallel training): each process predicts every world-th sentence, the predictions are
+    gathered, and every sentence is scored once."""
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    mine = tagger.predict_words([s.tokens for s in sentences[rank::world]], progress=progress)
+    parts = dist.gather((mine, tagger.last_windowed)) if dist is not None else [(mine, tagger.last_windowed)]
+    pred = [parts[i % world][0][i // world] for i in range(len(sentences))]
     result = scores([s.tags for s in sentences], pred)
-    result["windowed_sentences"] = tagger.last_windowed
+    result["windowed_sentences"] = sum(n for _, n in parts)
     return result

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,40 +25,31 @@ from .modeling import (
     resolve_model,
     resolve_precision,
 )
+from .text import Entity, Word, entities, split_sentences
 
 log = logging.getLogger(__name__)
 
-# GENIA/JNLPBA-style word split (the rules of the BioNLP2004 README): brackets, commas, semicolons,
-# colons, %, =, <, >, &, ?, ! and double quotes are words of their own; hyphens, slashes, plus signs and
-# inner periods stay inside words (IL-2, C/EBP, CD4+, PU.1). A word-final period is split off when it
-# ends the text or is followed by a space and a capital, a digit or a bracket.
-_PUNCT = r"()\[\]{},;:%=<>&?!\""
-_WORD = re.compile(rf"[{_PUNCT}]|[^\s{_PUNCT}]+")
-_FINAL_PERIOD = re.compile(r"\.(?=\s+[A-Z0-9(\[]|\s*$)")
 
-
-@dataclass(frozen=True)
-class Word:
+@dataclass
+class TaggedDocument:
     text: str
-    start: int
-    end: int
+    words: list[Word] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    entities: list[Entity] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "entities": [e.to_dict() for e in self.entities]}
 
 
-def split_words(text: str) -> list[Word]:
-    """Words with character offsets into ``text`` (``text[w.start:w.end] == w.text``).
+def quantize_int8(model):
+    """Dynamic int8 quantization of the Linear layers (CPU). torch.ao's quantize_dynamic is deprecated in
+    favour of torchao but still ships with torch 2.13 and needs no compile step; its warning is silenced."""
+    from torch.ao.quantization import quantize_dynamic
 
-    >>> [w.text for w in split_words("IL-2 (and NF-kappa B) binds DNA.")]
-    ['IL-2', '(', 'and', 'NF-kappa', 'B', ')', 'binds', 'DNA', '.']
-    """
-    words = []
-    for m in _WORD.finditer(text):
-        s, e = m.start(), m.end()
-        tail = _FINAL_PERIOD.match(text, e - 1) if e - s > 1 and text[e - 1] == "." else None
-        if tail:
-            words += [Word(text[s : e - 1], s, e - 1), Word(".", e - 1, e)]
-        else:
-            words.append(Word(m.group(), s, e))
-    return words
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class Tagger:
@@ -82,9 +73,19 @@ class Tagger:
         self.last_windowed = 0
 
     @classmethod
-    def load(cls, path: str | Path, labels: LabelSet | None = None, device: str | None = None, **kw) -> Tagger:
+    def load(
+        cls,
+        path: str | Path,
+        labels: LabelSet | None = None,
+        device: str | None = None,
+        merge: bool = True,
+        quantize: str | None = None,
+        **kw,
+    ) -> Tagger:
         """From a loratag run directory or a plain PEFT adapter directory (``labels``: for adapters saved
-        without a label list, e.g. by the PEFT guide's code)."""
+        without a label list, e.g. by the PEFT guide's code). ``merge``: fold the LoRA weights (and the
+        adapter's classifier head) into the base model, so inference runs a plain transformers model.
+        ``quantize="int8"``: dynamic int8 Linear layers (CPU)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"run or adapter directory not found: {path}")
@@ -104,12 +105,35 @@ class Tagger:
             raise ValueError(f"{path}: no labels.json beside the adapter; pass the label set (--labels label.json)")
         model = load_adapter(adapter, labels, base).to(device_of(device))
         tokenizer = load_tokenizer(resolve_model(base or model.peft_config["default"].base_model_name_or_path))
+        if merge or quantize:
+            model = model.merge_and_unload().eval()
+        if quantize == "int8":
+            if device_of(device).type != "cpu":
+                raise ValueError("--quantize int8 runs on the CPU only; use --precision fp16/bf16 on GPUs")
+            model = quantize_int8(model)
+            kw["precision"] = "fp32"
+        elif quantize is not None:
+            raise ValueError(f"--quantize must be int8, got {quantize!r}")
         return cls(model, tokenizer, labels, device=device_of(device), **kw)
 
+    def export(self, out: str | Path) -> None:
+        """A standalone transformers model: LoRA merged, the adapter's classifier head, id2label/label2id."""
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        if any("quantized" in type(m).__name__.lower() for m in model.modules()):
+            raise ValueError("an int8-quantized model cannot be exported; load it without --quantize")
+        model.config.id2label, model.config.label2id = self.labels.id2label, self.labels.label2id
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
     @torch.inference_mode()
-    def word_logits(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> list[torch.Tensor]:
+    def word_logits(
+        self, sentences: Sequence[Sequence[str]], progress: bool = False, adapters: Sequence[str] | None = None
+    ) -> list[torch.Tensor]:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from
-        the window where the word is most central."""
+        the window where the word is most central. ``adapters``: one adapter name per sentence, for a PEFT
+        model holding several adapters (one mixed batch, PEFT's ``adapter_names``)."""
         windows, self.last_windowed = encode(self.tokenizer, sentences, self.max_length)
         out = [torch.zeros(len(s), len(self.labels)) for s in sentences]
         was_training = self.model.training
@@ -121,32 +145,76 @@ class Tagger:
             for idx in order:
                 group = [windows[i] for i in idx]
                 batch = {k: v.to(self.device) for k, v in collate(group, pad).items()}
+                if adapters is not None:
+                    batch["adapter_names"] = [adapters[w.sentence] for w in group]
                 with autocast(self.device, self.dtype):
                     logits = self.model(**batch).logits.float().cpu()
                 for row, w in enumerate(group):
-                    prev = None
+                    positions, words, prev = [], [], None
                     for pos, wid in enumerate(w.word_ids):
                         if wid is not None and wid != prev and w.first <= wid < w.last:
-                            out[w.sentence][wid] = logits[row, pos]
+                            positions.append(pos)
+                            words.append(wid)
                         prev = wid
+                    out[w.sentence][words] = logits[row, positions]
                 bar.update(sum(1 for w in group if w.last == len(sentences[w.sentence])))
         finally:
             bar.close()
             self.model.train(was_training)
         return out
 
-    def predict_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> list[list[str]]:
-        """IOB2 labels for pre-split words (an I-X that opens an entity is read as B-X, as conlleval does)."""
-        names = self.labels.labels
+    def word_predictions(
+        self,
+        sentences: Sequence[Sequence[str]],
+        progress: bool = False,
+        adapters: Sequence[str] | None = None,
+        label_sets: Sequence[LabelSet] | None = None,
+    ) -> list[tuple[list[str], list[float]]]:
+        """Per sentence, IOB2 labels and their probabilities (``label_sets``: one per sentence, when adapters
+        differ). An I-X that opens an entity is read as B-X, as conlleval does."""
         out = []
-        for logits in self.word_logits(sentences, progress):
-            out.append(repair_iob2([names[i] for i in logits.argmax(-1).tolist()])[0] if len(logits) else [])
+        for i, logits in enumerate(self.word_logits(sentences, progress, adapters)):
+            if not len(logits):
+                out.append(([], []))
+                continue
+            names = (label_sets[i] if label_sets is not None else self.labels).labels
+            probs, ids = logits.softmax(-1).max(-1)
+            out.append((repair_iob2([names[j] for j in ids.tolist()])[0], [round(p, 4) for p in probs.tolist()]))
         return out
 
-    def predict_text(self, text: str) -> list[tuple[Word, str]]:
-        """Each word of a raw text with its label."""
-        words = split_words(text)
-        if not words:
-            return []
-        labels = self.predict_words([[w.text for w in words]])[0]
-        return list(zip(words, labels))
+    def predict_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> list[list[str]]:
+        """IOB2 labels for pre-split words."""
+        return [labels for labels, _ in self.word_predictions(sentences, progress)]
+
+    def tag_documents(
+        self,
+        texts: Sequence[str],
+        progress: bool = False,
+        adapters: Sequence[str] | None = None,
+        label_sets: Sequence[LabelSet] | None = None,
+    ) -> list[TaggedDocument]:
+        """Raw texts -> sentences -> words with offsets -> labels -> entities. All sentences of all texts are
+        batched together (sorted by length); entity offsets point into each original text. ``adapters`` and
+        ``label_sets``: one per text, for a model holding several adapters."""
+        docs, flat = [], []
+        for d, text in enumerate(texts):
+            docs.append(TaggedDocument(text))
+            for sentence in split_sentences(text):
+                flat.append((d, sentence))
+        predictions = self.word_predictions(
+            [[w.text for w in s] for _, s in flat],
+            progress,
+            None if adapters is None else [adapters[d] for d, _ in flat],
+            None if label_sets is None else [label_sets[d] for d, _ in flat],
+        )
+        for (d, sentence), (labels, scores) in zip(flat, predictions):
+            doc = docs[d]
+            doc.entities += entities(doc.text, sentence, labels, scores)
+            doc.words += sentence
+            doc.labels += labels
+            doc.scores += scores
+        return docs
+
+    def predict_text(self, text: str) -> TaggedDocument:
+        """One raw text: its words, their labels and scores, and its entities."""
+        return self.tag_documents([text])[0]

@@ -136,7 +136,7 @@ def head_size(adapter_dir: Path) -> int:
     raise ValueError(f"{adapter_dir}: the adapter has no classifier head; it was not saved for token classification")
 
 
-def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = None):
+def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = None, adapter_name: str = "default"):
     """A PEFT adapter on its base model, classifier head included, in eval mode."""
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
@@ -153,7 +153,7 @@ def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = N
     path = resolve_model(base_model or acfg.get("base_model_name_or_path") or "")
     kw = {"num_labels": n, "id2label": labels.id2label, "label2id": labels.label2id}
     base = _from_pretrained(AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
     return model.eval()
 
 

@@ -1,0 +1,242 @@
+"""Serving: one server with 1 and with 8 adapters on the MiniLM base, driven from a separate process by a
+bounded number of concurrent clients for a fixed time; the same load with batching off; and the memory of
+8 single-adapter servers. Prints one JSON line.
+
+    python benchmarks/bench_serve.py [--run RUN] [--clients 32] [--seconds 20]
+
+RUN: a trained MiniLM run with bias "none" (its adapter is one of the 8; the other 7 are random LoRA
+adapters of the same shape, which cost the same to serve). Requests carry one BioNLP2004 test sentence
+each, adapters in turn. Answers are checked against `loratag predict` (Tagger) for a sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit  # noqa: E402
+
+
+def make_runs(run: Path | None, n: int, root: Path) -> list[Path]:
+    """``run`` plus random adapters of the same configuration (bias none) as run directories."""
+    import torch
+
+    from loratag.config import Config, LoraSettings
+    from loratag.labels import LabelSet
+    from loratag.modeling import build_model
+    from loratag.runio import save_adapter
+
+    runs = [run] if run else []
+    labels = (
+        LabelSet.load(run / "labels.json")
+        if run
+        else LabelSet.from_mapping(
+            json.loads(
+                Path(os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004"), "label.json").read_text()
+            )
+        )
+    )
+    cfg = Config.load(run / "config.json") if run else Config(data="none", lora=LoraSettings(bias="none"))
+    for i in range(n - len(runs)):
+        torch.manual_seed(100 + i)
+        model = build_model(cfg, labels)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        d = root / f"random{i}"
+        d.mkdir(parents=True)
+        cfg.save(d / "config.json")
+        labels.save(d / "labels.json")
+        save_adapter(model, d / "adapter")
+        runs.append(d)
+    return runs
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_server(runs: list[Path], extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratag", "serve", *map(str, runs), "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+    raise SystemExit("server did not start")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def load_client(url: str, adapters: list[str], texts: list[str], clients: int, seconds: float) -> dict:
+    """Runs in its own process (`--client`): `clients` concurrent request loops for `seconds`."""
+    import httpx
+
+    async def main():
+        latencies, errors, sentences = [], 0, 0
+        stop_at = time.perf_counter() + seconds
+        counter = iter(range(10**9))
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+            async def worker():
+                nonlocal errors, sentences
+                while time.perf_counter() < stop_at:
+                    i = next(counter)
+                    body = {"adapter": adapters[i % len(adapters)], "text": texts[i % len(texts)]}
+                    t = time.perf_counter()
+                    try:
+                        r = await http.post("/v1/tag", json=body)
+                        ok = r.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    latencies.append(time.perf_counter() - t)
+                    errors += not ok
+                    sentences += ok
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            elapsed = time.perf_counter() - start
+        latencies.sort()
+        return {
+            "requests_per_s": round(len(latencies) / elapsed, 1),
+            "sentences_per_s": round(sentences / elapsed, 1),
+            "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+            "requests": len(latencies),
+            "errors": errors,
+        }
+
+    return asyncio.run(main())
+
+
+def drive(url: str, adapters: list[str], texts: list[str], clients: int, seconds: float) -> dict:
+    """The load comes from a separate process, so client work does not run inside the server's process."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"url": url, "adapters": adapters, "texts": texts, "clients": clients, "seconds": seconds}, f)
+    out = subprocess.run([sys.executable, __file__, "--client", f.name], capture_output=True, text=True, check=True)
+    os.unlink(f.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_answers(url: str, runs: list[Path], texts: list[str]) -> int:
+    """Mismatches between the server and Tagger (loratag predict) on a sample: spans and labels exact,
+    scores within 1e-3."""
+    import httpx
+
+    from loratag.inference import Tagger
+
+    bad = 0
+    for run in runs[:2]:
+        expected = [d.to_dict() for d in Tagger.load(run).tag_documents(texts)]
+        got = httpx.post(url + "/v1/tag", json={"adapter": run.name, "texts": texts}, timeout=120).json()["results"]
+        for e, g in zip(expected, got):
+            key = [(x["start"], x["end"], x["label"]) for x in e["entities"]]
+            if key != [(x["start"], x["end"], x["label"]) for x in g["entities"]] or any(
+                abs(a["score"] - b["score"]) > 1e-3 for a, b in zip(e["entities"], g["entities"])
+            ):
+                bad += 1
+    return bad
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a trained MiniLM run (bias none)")
+    p.add_argument("--data", default=os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004"))
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--client", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.client:
+        spec = json.loads(Path(a.client).read_text())
+        emit(load_client(spec["url"], spec["adapters"], spec["texts"], spec["clients"], spec["seconds"]))
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from loratag.data import load_corpus
+
+    test = load_corpus(a.data).splits["test"]
+    texts = [" ".join(s.tokens) for s in random.Random(0).sample(test, 400)]
+    out = {"clients": a.clients, "seconds": a.seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = make_runs(a.run, 8, Path(tmp))
+        names = [r.name for r in runs]
+
+        proc, url = start_server(runs[:1])
+        out["one_adapter"] = {
+            "server_rss_mib": rss_mib(proc.pid),
+            **drive(url, names[:1], texts, a.clients, a.seconds),
+        }
+        out["one_adapter"]["server_rss_after_mib"] = rss_mib(proc.pid)
+        stop(proc)
+
+        proc, url = start_server(runs)
+        out["eight_adapters"] = {"server_rss_mib": rss_mib(proc.pid), **drive(url, names, texts, a.clients, a.seconds)}
+        out["eight_adapters"]["server_rss_after_mib"] = rss_mib(proc.pid)
+        out["answer_mismatches_of_sample"] = [check_answers(url, runs, texts[:50]), 2 * 50]
+        stop(proc)
+
+        proc, url = start_server(runs, ["--no-batching"])
+        out["eight_adapters_no_batching"] = drive(url, names, texts, a.clients, a.seconds)
+        stop(proc)
+
+        servers = [start_server([r]) for r in runs]
+        out["eight_single_adapter_servers_rss_mib"] = round(sum(rss_mib(pr.pid) for pr, _ in servers), 1)
+        for pr, _ in servers:
+            stop(pr)
+
+    one, eight = out["one_adapter"]["server_rss_after_mib"], out["eight_adapters"]["server_rss_after_mib"]
+    out["memory_ratio_8_vs_1"] = round(eight / one, 3)
+    out["memory_ratio_8_servers_vs_1_server_8_adapters"] = round(
+        out["eight_single_adapter_servers_rss_mib"] / eight, 2
+    )
+    out["batching_speedup"] = round(
+        out["eight_adapters"]["sentences_per_s"] / max(out["eight_adapters_no_batching"]["sentences_per_s"], 1e-9), 2
+    )
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()

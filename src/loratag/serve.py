@@ -1,0 +1,376 @@
+"""Serve many adapters on one base model over HTTP (FastAPI + uvicorn, imported only here).
+
+AdapterPool loads every adapter onto one shared base (PEFT ``load_adapter``: each adapter carries its own
+classifier head) and tags mixed-adapter batches with PEFT's per-row ``adapter_names``, through the same
+Tagger path as ``loratag predict``. The Batcher gathers concurrent requests for a few milliseconds into one
+forward pass; a request's answer does not depend on what it was batched with (rows are independent; padding is
+masked).
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the request model classes defined inside
+# create_app as real annotations, not strings it would look up in the module.
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import FORMAT, Config
+from .inference import TaggedDocument, Tagger
+from .labels import LabelSet
+from .modeling import device_of, load_adapter, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    labels: LabelSet
+    metrics: dict = field(default_factory=dict)
+
+
+def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Path, str]]:
+    """``RUN`` or ``RUN:NAME`` arguments (and every run in ``runs_dir``) -> (path, adapter name)."""
+    out = []
+    if runs_dir is not None:
+        if not runs_dir.is_dir():
+            raise FileNotFoundError(f"--runs-dir {runs_dir} is not a directory")
+        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / "adapter").is_dir()]
+        if not out:
+            raise FileNotFoundError(f"--runs-dir {runs_dir}: no run directories (with adapter/) inside")
+    for spec in specs:
+        path, _, name = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+        out.append((Path(path), name or Path(path).name))
+    if not out:
+        raise ValueError("name at least one run directory to serve (or --runs-dir)")
+    return out
+
+
+def _check_run(path: Path, name: str) -> tuple[Config, LabelSet, dict]:
+    if not NAME.match(name):
+        raise ValueError(f"{path}: adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file() or json.loads(cfg_path.read_text()).get("format") != FORMAT:
+        raise FileNotFoundError(f"{path}: not a loratag run directory (no config.json of format {FORMAT})")
+    adapter = path / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no adapter/adapter_model.safetensors (only safetensors adapters are served)")
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    if acfg.get("bias", "none") != "none":
+        raise ValueError(
+            f"{path}: trained with bias={acfg['bias']!r}; only bias='none' adapters can share a base model "
+            "(trained biases change the base for every adapter). Retrain with --bias none."
+        )
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    summary = {k: metrics["test"][k] for k in ("precision", "recall", "f1")} if "test" in metrics else {}
+    return Config.load(cfg_path), LabelSet.load(path / "labels.json"), summary
+
+
+class AdapterPool:
+    """One base model, N adapters; refuses at start what cannot share the base, naming the run and why."""
+
+    def __init__(self, runs: list[tuple[Path, str]], device: str | None = None, batch_size: int = 64):
+        self.adapters: dict[str, Adapter] = {}
+        base_name, first = None, None
+        for path, name in runs:
+            cfg, labels, metrics = _check_run(path, name)
+            if name in self.adapters:
+                raise ValueError(f"{path}: adapter name {name!r} is used twice; name it with RUN:NAME")
+            resolved = resolve_model(cfg.model)
+            if base_name is None:
+                base_name, first = resolved, (path, labels)
+            elif resolved != base_name:
+                raise ValueError(f"{path}: base model {cfg.model!r} differs from {first[0]}'s; one server, one base")
+            elif len(labels) != len(first[1]):
+                raise ValueError(
+                    f"{path}: {len(labels)} labels but {first[0]} has {len(first[1])}; adapters in one server "
+                    "need the same number of labels"
+                )
+            self.adapters[name] = Adapter(name, path, labels, metrics)
+        names = list(self.adapters)
+        first_adapter = self.adapters[names[0]]
+        model = load_adapter(first_adapter.run / "adapter", first_adapter.labels, base_name, adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(self.adapters[name].run / "adapter"), adapter_name=name, is_trainable=False)
+        model = model.to(device_of(device)).eval()
+        self.tagger = Tagger(
+            model, load_tokenizer(base_name), first_adapter.labels, batch_size=batch_size, device=device_of(device)
+        )
+        log.info("serving %d adapter(s) on %s: %s", len(names), base_name, ", ".join(names))
+
+    def tag(self, adapters: list[str], texts: list[str]) -> list[TaggedDocument]:
+        """One forward pass (in sorted batches) over texts of any adapters."""
+        return self.tagger.tag_documents(
+            texts, adapters=adapters, label_sets=[self.adapters[a].labels for a in adapters]
+        )
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Gathers concurrent requests for up to ``wait_ms`` (or ``max_texts`` texts) into one forward pass.
+
+    A worker thread owns the model; requests wait on futures, so the event loop keeps answering (health,
+    metrics, errors) while a batch runs, and no event loop has to be the one the batcher started in.
+    ``batching=False``: one request per forward pass (for comparison).
+    """
+
+    def __init__(
+        self,
+        pool: AdapterPool,
+        wait_ms: float = 5.0,
+        max_texts: int = 256,
+        max_queue: int = 1024,
+        batching: bool = True,
+        on_batch=None,
+    ):
+        self.pool, self.wait, self.max_texts, self.max_queue = pool, wait_ms / 1000, max_texts, max_queue
+        self.batching = batching
+        self.on_batch = on_batch or (lambda n: None)
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="loratag-batcher", daemon=True)
+        self.thread.start()
+
+    async def submit(self, adapter: str, texts: list[str]) -> list[TaggedDocument]:
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.queue.put((adapter, texts, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _take(self) -> list:
+        taken = [self.queue.get()]
+        n = len(taken[0][1])
+        if not self.batching:
+            return taken
+        deadline = time.monotonic() + self.wait
+        while n < self.max_texts:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            taken.append(item)
+            n += len(item[1])
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            taken = self._take()
+            adapters = [a for a, texts, _ in taken for _ in texts]
+            texts = [t for _, ts, _ in taken for t in ts]
+            self.on_batch(len(texts))
+            try:
+                docs = self.pool.tag(adapters, texts)
+            except Exception as e:  # one bad batch must not stop the server: its requests get the error
+                log.exception("batch failed")
+                for _, _, fut in taken:
+                    fut.set_exception(e)
+                continue
+            i = 0
+            for _, ts, fut in taken:
+                fut.set_result(docs[i : i + len(ts)])
+                i += len(ts)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except _TooLarge:
+            return await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    wait_ms: float = 5.0
+    max_batch_texts: int = 256
+    max_queue: int = 1024
+    max_body_bytes: int = 1 << 20
+    max_text_chars: int = 100_000
+    max_texts: int = 256
+    batching: bool = True
+
+
+def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
+    """The FastAPI application (tests call it in-process)."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import HTMLResponse, PlainTextResponse
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    registry = CollectorRegistry()
+    requests = Counter("loratag_requests", "HTTP requests", ["path", "status"], registry=registry)
+    latency = Histogram(
+        "loratag_request_seconds",
+        "request latency",
+        ["path"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    batch_sizes = Histogram(
+        "loratag_batch_texts", "texts per forward batch", registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+    )
+    errors = Counter("loratag_errors", "requests answered with an error", ["status"], registry=registry)
+    batcher = Batcher(
+        pool,
+        settings.wait_ms if settings.batching else 0,
+        settings.max_batch_texts,
+        settings.max_queue,
+        settings.batching,
+        on_batch=batch_sizes.observe,
+    )
+
+    class TagRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str = Field(description="adapter name, as listed by GET /v1/adapters")
+        text: str | None = Field(None, description="one text to tag")
+        texts: list[str] | None = Field(None, description=f"several texts (at most {settings.max_texts})")
+
+        @model_validator(mode="after")
+        def one_of(self):
+            if (self.text is None) == (self.texts is None):
+                raise ValueError("give exactly one of 'text' or 'texts'")
+            if self.texts is not None and not 1 <= len(self.texts) <= settings.max_texts:
+                raise ValueError(f"'texts' must hold 1 to {settings.max_texts} texts")
+            return self
+
+    class EntityOut(BaseModel):
+        text: str
+        label: str
+        start: int = Field(description="character offset into the text (inclusive)")
+        end: int = Field(description="character offset into the text (exclusive)")
+        score: float
+
+    class DocumentOut(BaseModel):
+        text: str
+        entities: list[EntityOut]
+
+    class TagResponse(BaseModel):
+        adapter: str
+        results: list[DocumentOut]
+
+    class AdapterOut(BaseModel):
+        name: str
+        labels: list[str]
+        metrics: dict
+
+    class AdaptersResponse(BaseModel):
+        adapters: list[AdapterOut]
+
+    app = FastAPI(
+        title="loratag",
+        version="v1",
+        description="Token classification (NER) with many LoRA adapters on one base model.",
+    )
+
+    @app.middleware("http")
+    async def observe(request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path if request.url.path in known_paths else "other"
+        requests.labels(path, str(response.status_code)).inc()
+        latency.labels(path).observe(time.perf_counter() - start)
+        if response.status_code >= 400:
+            errors.labels(str(response.status_code)).inc()
+        return response
+
+    @app.post(
+        "/v1/tag",
+        response_model=TagResponse,
+        responses={
+            404: {"description": "unknown adapter"},
+            413: {"description": "body or text too large"},
+            503: {"description": "queue full; retry after the Retry-After seconds"},
+        },
+    )
+    async def tag(req: TagRequest):
+        """Entities of each text (`text`, `label`, `start`, `end`, `score`), as `loratag predict` gives them."""
+        if req.adapter not in pool.adapters:
+            raise HTTPException(404, f"unknown adapter {req.adapter!r}; known: {', '.join(pool.adapters)}")
+        texts = [req.text] if req.text is not None else req.texts
+        for i, t in enumerate(texts):
+            if len(t) > settings.max_text_chars:
+                raise HTTPException(413, f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars}")
+        try:
+            docs = await batcher.submit(req.adapter, texts)
+        except QueueFull:
+            raise HTTPException(503, "the server is busy; retry shortly", headers={"Retry-After": "1"}) from None
+        return {"adapter": req.adapter, "results": [d.to_dict() for d in docs]}
+
+    @app.get("/v1/adapters", response_model=AdaptersResponse)
+    async def adapters():
+        """The adapters this server holds, their labels and their test metrics."""
+        return {
+            "adapters": [
+                {"name": a.name, "labels": list(a.labels.labels), "metrics": a.metrics} for a in pool.adapters.values()
+            ]
+        }
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "adapters": len(pool.adapters)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        """Prometheus text format: requests, latency, batch sizes, errors."""
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+
+    known_paths = {"/v1/tag", "/v1/adapters", "/healthz", "/metrics", "/"}
+    return BodyLimit(app, settings.max_body_bytes), app
+
+
+def run(pool: AdapterPool, host: str, port: int, settings: ServeSettings) -> None:
+    import uvicorn
+
+    wrapped, _ = create_app(pool, settings)
+    uvicorn.run(wrapped, host=host, port=port, log_level="info")

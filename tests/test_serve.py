@@ -1,0 +1,280 @@
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loratag.config import Config, LoraSettings, TrainConfig
+from loratag.inference import Tagger
+from loratag.serve import AdapterPool, ServeSettings, create_app, parse_runs
+from loratag.train import train
+
+from .conftest import RESOURCES
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+TEXTS = [
+    "IL-2 gene expression requires NF-kappa B.",
+    "T cells express CD28. Human monocytes bind B7 (in vitro).",
+    "The c-fos gene in T cells is bound by NF-kappa B and IL-2 binds its receptor on human monocytes.",
+    "",
+]
+
+
+def _cfg(base: Path, data=RESOURCES / "tiny", bias="none", seed=0, lr=0.05, epochs=1) -> Config:
+    return Config(
+        model=str(base),
+        data=str(data),
+        lora=LoraSettings(r=4, alpha=8, bias=bias),
+        train=TrainConfig(lr=lr, batch_size=4, epochs=epochs, seed=seed, checkpoint_minutes=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert) -> list[Path]:
+    root = tmp_path_factory.mktemp("serve-runs")
+    return [
+        train(_cfg(tiny_bert, seed=s, lr=lr, epochs=e), root / name, progress=False)
+        # "cells" trains long enough to find entities in the tiny corpus's sentences (the browser test needs some)
+        for s, lr, e, name in ((0, 0.05, 1, "genes"), (1, 0.02, 40, "cells"), (2, 0.03, 3, "proteins"))
+    ]
+
+
+@pytest.fixture(scope="module")
+def pool(runs) -> AdapterPool:
+    return AdapterPool([(r, r.name) for r in runs])
+
+
+@pytest.fixture(scope="module")
+def client(pool):
+    app, _ = create_app(pool, ServeSettings(max_body_bytes=4096, max_text_chars=500, wait_ms=2))
+    with TestClient(app) as c:
+        yield c
+
+
+def alone(run: Path, texts: list[str]) -> list[dict]:
+    return [d.to_dict() for d in Tagger.load(run).tag_documents(texts)]
+
+
+def same(a: list[dict], b: list[dict]) -> None:
+    """Identical texts, entity spans and labels; scores equal to 1e-3 (float sums may differ in the last bits
+    with the batch's padded length)."""
+    assert [d["text"] for d in a] == [d["text"] for d in b]
+    for da, db in zip(a, b):
+        assert [(e["text"], e["label"], e["start"], e["end"]) for e in da["entities"]] == [
+            (e["text"], e["label"], e["start"], e["end"]) for e in db["entities"]
+        ]
+        assert [e["score"] for e in da["entities"]] == pytest.approx([e["score"] for e in db["entities"]], abs=1e-3)
+
+
+def test_tag_matches_predict(client, runs):
+    for run in runs:
+        r = client.post("/v1/tag", json={"adapter": run.name, "texts": TEXTS})
+        assert r.status_code == 200, r.text
+        assert r.json()["adapter"] == run.name
+        same(r.json()["results"], alone(run, TEXTS))
+        one = client.post("/v1/tag", json={"adapter": run.name, "text": TEXTS[0]}).json()
+        same(one["results"], alone(run, TEXTS[:1]))
+
+
+def test_adapters_differ(client, runs):
+    got = {
+        run.name: client.post("/v1/tag", json={"adapter": run.name, "texts": TEXTS}).json()["results"] for run in runs
+    }
+    scores = {name: [e["score"] for d in docs for e in d["entities"]] for name, docs in got.items()}
+    assert len({json.dumps(v) for v in scores.values()}) > 1, "three adapters gave the same answers"
+
+
+def test_adapters_health_metrics(client, runs):
+    listed = client.get("/v1/adapters").json()["adapters"]
+    assert [a["name"] for a in listed] == [r.name for r in runs]
+    assert listed[0]["labels"][0] == "O" and set(listed[0]["metrics"]) == {"precision", "recall", "f1"}
+    assert client.get("/healthz").json() == {"status": "ok", "adapters": 3}
+    client.post("/v1/tag", json={"adapter": "nope", "text": "x"})
+    text = client.get("/metrics").text
+    for name in (
+        "loratag_requests_total",
+        "loratag_request_seconds_bucket",
+        "loratag_batch_texts_bucket",
+        "loratag_errors_total",
+    ):
+        assert name in text
+    assert 'loratag_errors_total{status="404"}' in text
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"adapter": "nope", "text": "x"}, 404, "known: genes, cells, proteins"),
+        ({"text": "x"}, 422, "adapter"),
+        ({"adapter": "genes", "text": "x", "extra": 1}, 422, "extra"),
+        ({"adapter": "genes", "text": 5}, 422, "text"),
+        ({"adapter": "genes"}, 422, "exactly one of 'text' or 'texts'"),
+        ({"adapter": "genes", "texts": []}, 422, "1 to 256"),
+        ({"adapter": "genes", "text": "a" * 501}, 413, "limit is 500"),
+        ({"adapter": "genes", "text": "a " * 3000}, 413, "request body over 4096 bytes"),
+    ],
+)
+def test_bad_requests(client, body, status, needle):
+    r = client.post("/v1/tag", json=body)
+    assert r.status_code == status and needle in r.text
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/v1/tag", content=b'{"adapter": "genes", "text": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "json" in r.text.lower()
+
+
+def test_full_queue_is_503_with_retry_after(pool):
+    app, _ = create_app(pool, ServeSettings(max_queue=0))
+    with TestClient(app) as c:
+        r = c.post("/v1/tag", json={"adapter": "genes", "text": "IL-2"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_a_failing_batch_does_not_stop_the_server(pool, monkeypatch):
+    app, _ = create_app(pool)
+    real = pool.tag
+
+    def flaky(adapters, texts):
+        if "BOOM" in texts:
+            raise RuntimeError("boom")
+        return real(adapters, texts)
+
+    monkeypatch.setattr(pool, "tag", flaky)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/v1/tag", json={"adapter": "genes", "text": "BOOM"}).status_code == 500
+        assert c.post("/v1/tag", json={"adapter": "genes", "text": TEXTS[0]}).status_code == 200
+
+
+def test_refuses_adapters_that_cannot_share_the_base(runs, tiny_bert, tiny_roberta, tmp_path):
+    biased = train(_cfg(tiny_bert, bias="all"), tmp_path / "biased", progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match=r"biased: trained with bias='all'"):
+        AdapterPool([(runs[0], "a"), (biased, "b")])
+    other = train(_cfg(tiny_roberta), tmp_path / "other-base", progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match=r"other-base: base model .* differs"):
+        AdapterPool([(runs[0], "a"), (other, "b")])
+    data = tmp_path / "dna-only"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.conll").write_text("IL-2\tB-DNA\ngene\tI-DNA\nbinds\tO\n")
+    fewer = train(_cfg(tiny_bert, data=data), tmp_path / "fewer", progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match=r"fewer: 3 labels but .* has 7"):
+        AdapterPool([(runs[0], "a"), (fewer, "b")])
+    with pytest.raises(ValueError, match="used twice"):
+        AdapterPool([(runs[0], "a"), (runs[1], "a")])
+    with pytest.raises(FileNotFoundError, match="not a loratag run"):
+        AdapterPool([(tmp_path, "x")])
+
+
+def test_parse_runs(runs, tmp_path):
+    assert parse_runs([f"{runs[0]}:my-name"]) == [(runs[0], "my-name")]
+    assert parse_runs([str(runs[1])]) == [(runs[1], "cells")]
+    assert [n for _, n in parse_runs([], runs[0].parent)] == ["cells", "genes", "proteins"]
+
+
+@pytest.fixture(scope="module")
+def server(pool):
+    """A real uvicorn server on a free loopback port, in a thread."""
+    import uvicorn
+
+    app, _ = create_app(pool, ServeSettings(wait_ms=20))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(5)
+
+
+def test_concurrent_mixed_adapter_requests_answer_as_alone(server, runs):
+    expected = {(run.name, i): alone(run, [t])[0] for run in runs for i, t in enumerate(TEXTS)}
+    jobs = [(run.name, i) for _ in range(3) for run in runs for i in range(len(TEXTS))]
+
+    def call(job):
+        name, i = job
+        r = httpx.post(f"{server}/v1/tag", json={"adapter": name, "text": TEXTS[i]}, timeout=60)
+        return job, r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(call, jobs))
+    for job, status, body in results:
+        assert status == 200
+        same(body["results"], [expected[job]])
+    metrics = httpx.get(f"{server}/metrics").text
+    sizes = [line for line in metrics.splitlines() if line.startswith("loratag_batch_texts_count")]
+    batches = float(sizes[0].split()[-1])
+    assert batches < len(jobs), "no request was batched with another"
+
+
+@pytest.fixture
+def api_schema(pool):
+    schemathesis = pytest.importorskip("schemathesis")
+    app, _ = create_app(pool, ServeSettings(max_text_chars=2000))
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+
+    fuzz_schema = schemathesis.pytest.from_fixture("api_schema")
+
+    @fuzz_schema.parametrize()
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_openapi_schema_fuzz_finds_no_5xx(case):
+        response = case.call()
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+except ImportError:  # the dev extra installs schemathesis; without it the fuzz test is not collected
+    pass
+
+
+def test_browser_page_highlights_entities(server, runs):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    expected = alone(runs[1], [TEXTS[1]])[0]["entities"]
+    assert expected, "the test adapter finds no entity in this text; the check would be empty"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.wait_for_selector("#adapter option[value=cells]", state="attached")
+        page.select_option("#adapter", "cells")
+        page.fill("#text", TEXTS[1])
+        page.click("#tag")
+        page.wait_for_function("document.querySelector('#json').textContent.length > 0")
+        marks = page.eval_on_selector_all(
+            "#result mark.entity",
+            "ms => ms.map(m => [m.firstChild.textContent, m.dataset.label, getComputedStyle(m).backgroundColor])",
+        )
+        result_text = page.inner_text("#result")
+        legend = page.inner_text("#legend")
+        browser.close()
+    assert [(m[0], m[1]) for m in marks] == [(e["text"], e["label"]) for e in expected]
+    assert all(m[2] not in ("", "rgba(0, 0, 0, 0)") for m in marks)
+    assert TEXTS[1].split()[0] in result_text
+    assert all(label in legend for label in ("DNA", "protein", "cell_type"))
