@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--data", default=os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004"))
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's batching window")
     p.add_argument("--client", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.client:
@@ -204,7 +205,9 @@ def main() -> None:
         runs = make_runs(a.run, 8, Path(tmp))
         names = [r.name for r in runs]
 
-        proc, url = start_server(runs[:1])
+        wait = ["--batch-wait-ms", str(a.batch_wait_ms)]
+        out["batch_wait_ms"] = a.batch_wait_ms
+        proc, url = start_server(runs[:1], wait)
         out["one_adapter"] = {
             "server_rss_mib": rss_mib(proc.pid),
             **drive(url, names[:1], texts, a.clients, a.seconds),
@@ -212,7 +215,7 @@ def main() -> None:
         out["one_adapter"]["server_rss_after_mib"] = rss_mib(proc.pid)
         stop(proc)
 
-        proc, url = start_server(runs)
+        proc, url = start_server(runs, wait)
         out["eight_adapters"] = {"server_rss_mib": rss_mib(proc.pid), **drive(url, names, texts, a.clients, a.seconds)}
         out["eight_adapters"]["server_rss_after_mib"] = rss_mib(proc.pid)
         out["answer_mismatches_of_sample"] = [check_answers(url, runs, texts[:50]), 2 * 50]
