@@ -18,31 +18,36 @@ import time
 from pathlib import Path
 
 
-def _group_rss_mib(pgid: int) -> float:
-    total = 0
+def _tree_rss_mib(root: int) -> float:
+    """Summed resident memory of a process and all its descendants (torchrun may start its workers in
+    sessions of their own, so the process group is not enough)."""
+    parents, rss = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if os.getpgid(int(d.name)) != pgid:
-                continue
+            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             for line in (d / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ProcessLookupError):
+                    rss[int(d.name)] = int(line.split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-    return total / 1024
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier and p not in tree]
+        tree.update(frontier)
+    return sum(rss.get(p, 0) for p in tree) / 1024
 
 
 def run(cmd: list[str], env: dict) -> float:
-    """Runs ``cmd`` in its own process group; returns the peak of the group's summed resident memory (MiB)."""
+    """Runs ``cmd``; returns the peak of the summed resident memory of it and its descendants (MiB)."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0.0
 
     def sample():
         nonlocal peak
         while proc.poll() is None:
-            peak = max(peak, _group_rss_mib(proc.pid))
+            peak = max(peak, _tree_rss_mib(proc.pid))
             time.sleep(0.5)
 
     t = threading.Thread(target=sample, daemon=True)
