@@ -191,6 +191,10 @@ def test_predict_formats(tiny_run, tmp_path, capsys):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     assert main(["predict", str(tiny_run), "--input", str(bad)]) == 2
     assert 'bad.jsonl:2: expected an object with a string field "text"' in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("ok\nB\xe9ta\n".encode("latin-1"))
+    assert main(["predict", str(tiny_run), "--input", str(latin)]) == 2
+    assert "latin.txt:2: not UTF-8" in capsys.readouterr().err
 
 
 def test_highlight_marks_entities():

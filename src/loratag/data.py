@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,15 +42,19 @@ class Corpus:
     source: str
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text as it is (offsets into it stay valid); other encodings fail naming file:line."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         bad = f"byte {raw[e.start]:#04x} at offset {e.start}"
         raise DataError(f"{path}:{line}: not UTF-8 ({bad}); save the file as UTF-8") from None
-    return text.splitlines()
+
+
+def _read_lines(path: Path) -> list[str]:
+    return read_text(path).splitlines()
 
 
 def read_jsonl(path: Path) -> list[tuple[list[str], list, str]]:
@@ -223,7 +226,3 @@ def load_corpus(spec: str, download=None) -> Corpus:
             "offline, pass a local folder with --data"
         ) from None
     return load_hub_snapshot(folder, spec)
-
-
-def word_counts(sentences: Iterable[Sentence]) -> int:
-    return sum(len(s.tokens) for s in sentences)

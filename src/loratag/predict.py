@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError
+from .data import DataError, read_text
 from .inference import TaggedDocument, Tagger
 from .text import Word, entities
 
@@ -22,12 +22,12 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise FileNotFoundError(f"{path}: no .txt files (each .txt file is one document)")
-        return [_read(p) for p in files]
+        return [read_text(p) for p in files]
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix in CONLL:
         return _conll_words(path)
-    text = _read(path)
+    text = read_text(path)
     if path.suffix in JSONL:
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -44,17 +44,10 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
     return text.splitlines()
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (offset {e.start}); save it as UTF-8") from None
-
-
 def _conll_words(path: Path) -> list[list[str]]:
     """Words (first column) of a CoNLL file, one list per sentence; tags, if any, are ignored."""
     out, cur = [], []
-    for line in [*_read(path).splitlines(), ""]:
+    for line in [*read_text(path).splitlines(), ""]:
         cols = line.split()
         if not cols:
             if cur:
