@@ -7,6 +7,8 @@ bounded number of concurrent clients for a fixed time; the same load with batchi
 RUN: a trained MiniLM run with bias "none" (its adapter is one of the 8; the other 7 are random LoRA
 adapters of the same shape, which cost the same to serve). Requests carry one BioNLP2004 test sentence
 each, adapters in turn. Answers are checked against `loratag predict` (Tagger) for a sample.
+"compute_bound": the server's model and worker threads tagging without HTTP, in chunks of 1 and of 16
+texts: the most batching can gain on this machine.
 """
 
 from __future__ import annotations
@@ -160,6 +162,58 @@ def drive(url: str, adapters: list[str], texts: list[str], clients: int, seconds
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def mean_batch(url: str) -> float:
+    """Texts per forward pass so far, from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    values = dict(line.split() for line in text.splitlines() if line.startswith("loratag_batch_texts_"))
+    return round(float(values["loratag_batch_texts_sum"]) / max(float(values["loratag_batch_texts_count"]), 1), 1)
+
+
+def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float) -> dict:
+    """Runs in its own process (`--ceiling`): the server's model and worker threads without HTTP, tagging
+    mixed-adapter chunks of ``batch`` texts as fast as they can. Batch 1 vs batch N bounds what batching can
+    gain on this machine."""
+    import threading
+
+    import torch
+
+    from loratag.serve import AdapterPool, cpu_cores, default_workers
+
+    pool = AdapterPool([(Path(r), Path(r).name) for r in runs])
+    workers = default_workers(pool)
+    torch.set_num_threads(max(1, cpu_cores() // workers))
+    names = [Path(r).name for r in runs]
+    pool.tag(names, texts[: len(names)])  # warm up
+    done = [0] * workers
+    stop_at = time.perf_counter() + seconds
+
+    def work(k: int) -> None:
+        i = k * 1000
+        while time.perf_counter() < stop_at:
+            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+            pool.tag([names[(i + j) % len(names)] for j in range(batch)], chunk)
+            done[k] += batch
+            i += batch
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"batch": batch, "workers": workers, "sentences_per_s": round(sum(done) / (time.perf_counter() - start), 1)}
+
+
+def run_ceiling(runs: list[Path], texts: list[str], batch: int, seconds: float) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"runs": list(map(str, runs)), "texts": texts, "batch": batch, "seconds": seconds}, f)
+    out = subprocess.run([sys.executable, __file__, "--ceiling", f.name], capture_output=True, text=True, check=True)
+    os.unlink(f.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def check_answers(url: str, runs: list[Path], texts: list[str]) -> int:
     """Mismatches between the server and Tagger (loratag predict) on a sample: spans and labels exact,
     scores within 1e-3."""
@@ -188,7 +242,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's batching window")
     p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--ceiling", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.ceiling:
+        spec = json.loads(Path(a.ceiling).read_text())
+        emit(ceiling(spec["runs"], spec["texts"], spec["batch"], spec["seconds"]))
+        return
     if a.client:
         spec = json.loads(Path(a.client).read_text())
         emit(load_client(spec["url"], spec["adapters"], spec["texts"], spec["clients"], spec["seconds"]))
@@ -213,11 +272,13 @@ def main() -> None:
             **drive(url, names[:1], texts, a.clients, a.seconds),
         }
         out["one_adapter"]["server_rss_after_mib"] = rss_mib(proc.pid)
+        out["one_adapter"]["mean_batch_texts"] = mean_batch(url)
         stop(proc)
 
         proc, url = start_server(runs, wait)
         out["eight_adapters"] = {"server_rss_mib": rss_mib(proc.pid), **drive(url, names, texts, a.clients, a.seconds)}
         out["eight_adapters"]["server_rss_after_mib"] = rss_mib(proc.pid)
+        out["eight_adapters"]["mean_batch_texts"] = mean_batch(url)
         out["answer_mismatches_of_sample"] = [check_answers(url, runs, texts[:50]), 2 * 50]
         stop(proc)
 
@@ -225,6 +286,11 @@ def main() -> None:
         out["eight_adapters_no_batching"] = drive(url, names, texts, a.clients, a.seconds)
         stop(proc)
 
+        # What batching can gain here at most: the same model and workers without HTTP, batch 1 vs 16.
+        out["compute_bound"] = {
+            "batch_1": run_ceiling(runs, texts, 1, a.seconds / 2),
+            "batch_16": run_ceiling(runs, texts, 16, a.seconds / 2),
+        }
         servers = [start_server([r]) for r in runs]
         out["eight_single_adapter_servers_rss_mib"] = round(sum(rss_mib(pr.pid) for pr, _ in servers), 1)
         for pr, _ in servers:
@@ -238,6 +304,8 @@ def main() -> None:
     out["batching_speedup"] = round(
         out["eight_adapters"]["sentences_per_s"] / max(out["eight_adapters_no_batching"]["sentences_per_s"], 1e-9), 2
     )
+    bound = out["compute_bound"]
+    bound["speedup"] = round(bound["batch_16"]["sentences_per_s"] / max(bound["batch_1"]["sentences_per_s"], 1e-9), 2)
     emit(out)
 
 

@@ -169,3 +169,8 @@ def test_evaluate_writes_metrics_into_the_run(tiny_cfg, tmp_path, capsys):
     assert json.loads(Path(r / "eval-test.json").read_text()) == printed
     m = json.loads((r / "metrics.json").read_text())
     assert printed["f1"] == m["test"]["f1"]  # the CoNLL copy of the same data scores the same
+
+
+def test_serve_refuses_zero_workers_in_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", tmp_path, "--workers", "0")
+    assert code == 2 and err.strip() == "loratag serve: error: --workers must be at least 1, got 0"

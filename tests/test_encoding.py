@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from loratag.encoding import IGNORE, align_labels, batches, collate, encode, plan_windows
+from loratag.encoding import IGNORE, align_labels, batches, collate, encode, inference_batches, plan_windows
 from loratag.modeling import load_tokenizer
 
 
@@ -93,3 +93,41 @@ def test_tiny_tokenizers_know_their_words(tiny_bert, tiny_roberta):
     assert bert.vocab_size > 100 and bert.unk_token_id not in bert("gene cells", add_special_tokens=False)["input_ids"]
     roberta = load_tokenizer(str(tiny_roberta))
     assert roberta.unk_token_id not in roberta(["gene", "cells"], is_split_into_words=True)["input_ids"]
+
+
+def _padded_cost(lengths, plan, per_batch=64):
+    return sum(per_batch + len(b) * -(-max(lengths[i] for i in b) // 8) * 8 for b in plan)
+
+
+def test_inference_batches_cover_every_row_once_sorted_and_at_most_max_rows():
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 130) for _ in range(500)]
+    plan = inference_batches(lengths, 16)
+    assert sorted(i for b in plan for i in b) == list(range(500))
+    assert all(len(b) <= 16 for b in plan)
+    flat = [lengths[i] for b in plan for i in b]
+    assert flat == sorted(flat)
+    # cheaper than cutting the sorted order every 16 rows (what `batches` does at inference)
+    assert _padded_cost(lengths, plan) <= _padded_cost(lengths, batches(lengths, 16))
+    assert inference_batches([], 8) == []
+
+
+def test_inference_batches_are_optimal_on_small_inputs():
+    import itertools
+
+    rng = random.Random(1)
+    for _ in range(30):
+        lengths = [rng.choice([4, 9, 17, 30, 64, 120]) for _ in range(rng.randint(1, 8))]
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = float("inf")
+        for cuts in itertools.product([0, 1], repeat=len(order) - 1):  # every split of the sorted order
+            plan, cur = [], [order[0]]
+            for c, i in zip(cuts, order[1:]):
+                if c:
+                    plan.append(cur)
+                    cur = []
+                cur.append(i)
+            plan.append(cur)
+            if all(len(b) <= 3 for b in plan):
+                best = min(best, _padded_cost(lengths, plan))
+        assert _padded_cost(lengths, inference_batches(lengths, 3)) == best

@@ -106,6 +106,8 @@ def test_adapters_health_metrics(client, runs):
     ):
         assert name in text
     assert 'loratag_errors_total{status="404"}' in text
+    client.post("/v1/tag", content=b"x" * 5000, headers={"content-type": "application/json"})
+    assert 'loratag_errors_total{status="413"}' in client.get("/metrics").text, "BodyLimit's 413 not counted"
 
 
 @pytest.mark.parametrize(
@@ -184,7 +186,7 @@ def server(pool):
     """A real uvicorn server on a free loopback port, in a thread."""
     import uvicorn
 
-    app, _ = create_app(pool, ServeSettings(wait_ms=20))
+    app, _ = create_app(pool, ServeSettings(wait_ms=20, workers=2))  # two workers, as `loratag serve` on 2 cores
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning")
@@ -278,3 +280,19 @@ def test_browser_page_highlights_entities(server, runs):
     assert all(m[2] not in ("", "rgba(0, 0, 0, 0)") for m in marks)
     assert TEXTS[1].split()[0] in result_text
     assert all(label in legend for label in ("DNA", "protein", "cell_type"))
+
+
+def test_peft_mixed_batch_path_gives_the_same_answers(runs, monkeypatch):
+    """Where adapters cannot be stacked (multilora.build returns None), PEFT's own path answers the same."""
+    from loratag import multilora
+
+    stacked = AdapterPool([(r, r.name) for r in runs])
+    monkeypatch.setattr(multilora, "build", lambda model, names: None)
+    plain = AdapterPool([(r, r.name) for r in runs])
+    assert stacked.stacked and not plain.stacked
+    adapters = [runs[i % 3].name for i in range(len(TEXTS) * 2)]
+    texts = TEXTS * 2
+    same([d.to_dict() for d in plain.tag(adapters, texts)], [d.to_dict() for d in stacked.tag(adapters, texts)])
+    with ThreadPoolExecutor(2) as ex:  # PEFT's path from two threads: serialised, still right
+        results = list(ex.map(lambda k: plain.tag(adapters[k:], texts[k:]), [0, 1]))
+    same([d.to_dict() for d in results[1]], [d.to_dict() for d in stacked.tag(adapters[1:], texts[1:])])

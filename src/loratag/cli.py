@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -172,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit [default: 1 MiB]")
     sv.add_argument("--max-text-chars", type=int, default=100_000, help="characters per text at most")
     sv.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
+    sv.add_argument(
+        "--workers",
+        type=int,
+        help="threads running forward passes side by side, the CPU cores shared among them "
+        "[default: 2 on a CPU with 2+ cores, 1 on a GPU]",
+    )
 
     pu = sub.add_parser("push", help="upload a run's adapter and model card to the Hugging Face Hub")
     pu.add_argument("run", type=Path)
@@ -290,7 +297,7 @@ def _cmd_serve(args) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("loratag serve needs FastAPI and uvicorn: pip install 'loratag[serve]'") from None
-    from .serve import AdapterPool, ServeSettings, parse_runs, run
+    from .serve import AdapterPool, ServeSettings, default_workers, parse_runs, run
 
     settings = ServeSettings(
         wait_ms=args.batch_wait_ms,
@@ -300,7 +307,10 @@ def _cmd_serve(args) -> None:
         max_text_chars=args.max_text_chars,
         batching=not args.no_batching,
     )
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     pool = AdapterPool(parse_runs(args.runs, args.runs_dir), device=args.device)
+    settings = dataclasses.replace(settings, workers=args.workers or default_workers(pool))
     run(pool, args.host, args.port, settings)
 
 

@@ -176,3 +176,32 @@ def batches(
     if seed is not None:
         rng.shuffle(out)
     return out
+
+
+def inference_batches(
+    lengths: Sequence[int], max_rows: int, per_batch_tokens: int = 64, multiple: int = 8
+) -> list[list[int]]:
+    """Index batches for inference: sorted by length and cut where the padded work is least.
+
+    Minimises, over cuts of the length-sorted order into batches of at most ``max_rows`` rows, the sum of
+    ``per_batch_tokens + rows x padded length`` (``per_batch_tokens``: a forward pass's fixed cost, in tokens
+    of work; MiniLM on 2 CPU cores: a batch-1 forward costs what ~50-100 more tokens in a batch cost). Cutting
+    every ``max_rows`` rows instead pads a small mixed-length batch (a server's) to its longest row: half the
+    work was padding there. Written by hand: a 1-D dynamic programme over sorted lengths, O(n x max_rows).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    padded = [-(-lengths[i] // multiple) * multiple for i in order]
+    n = len(order)
+    cost = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = padded[j - 1]  # ascending, so the last row of a batch is its longest
+        for i in range(max(0, j - max_rows), j):
+            c = cost[i] + per_batch_tokens + (j - i) * longest
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FORMAT, Config
-from .encoding import batches, collate, encode
+from .encoding import collate, encode, inference_batches
 from .labels import LabelSet, repair_iob2
 from .modeling import (
     adapter_labels,
@@ -139,7 +139,7 @@ class Tagger:
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id or 0
-        order = batches([len(w.input_ids) for w in windows], self.batch_size)
+        order = inference_batches([len(w.input_ids) for w in windows], self.batch_size)
         bar = tqdm(total=len(sentences), desc="predict", unit="sent", disable=not progress, leave=False)
         try:
             for idx in order:
