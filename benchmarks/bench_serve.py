@@ -171,7 +171,7 @@ def mean_batch(url: str) -> float:
     return round(float(values["loratag_batch_texts_sum"]) / max(float(values["loratag_batch_texts_count"]), 1), 1)
 
 
-def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float) -> dict:
+def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float, workers: int | None = None) -> dict:
     """Runs in its own process (`--ceiling`): the server's model and worker threads without HTTP, tagging
     mixed-adapter chunks of ``batch`` texts as fast as they can. Batch 1 vs batch N bounds what batching can
     gain on this machine."""
@@ -182,7 +182,7 @@ def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float) -> di
     from loratag.serve import AdapterPool, cpu_cores, default_workers
 
     pool = AdapterPool([(Path(r), Path(r).name) for r in runs])
-    workers = default_workers(pool)
+    workers = workers or default_workers(pool)
     torch.set_num_threads(max(1, cpu_cores() // workers))
     names = [Path(r).name for r in runs]
     pool.tag(names, texts[: len(names)])  # warm up
@@ -206,9 +206,10 @@ def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float) -> di
     return {"batch": batch, "workers": workers, "sentences_per_s": round(sum(done) / (time.perf_counter() - start), 1)}
 
 
-def run_ceiling(runs: list[Path], texts: list[str], batch: int, seconds: float) -> dict:
+def run_ceiling(runs: list[Path], texts: list[str], batch: int, seconds: float, workers: int | None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"runs": list(map(str, runs)), "texts": texts, "batch": batch, "seconds": seconds}, f)
+        spec = {"runs": list(map(str, runs)), "texts": texts, "batch": batch, "seconds": seconds, "workers": workers}
+        json.dump(spec, f)
     out = subprocess.run([sys.executable, __file__, "--ceiling", f.name], capture_output=True, text=True, check=True)
     os.unlink(f.name)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -241,12 +242,13 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's batching window")
+    p.add_argument("--workers", type=int, help="the servers' --workers [default: theirs]")
     p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--ceiling", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.ceiling:
         spec = json.loads(Path(a.ceiling).read_text())
-        emit(ceiling(spec["runs"], spec["texts"], spec["batch"], spec["seconds"]))
+        emit(ceiling(spec["runs"], spec["texts"], spec["batch"], spec["seconds"], spec["workers"]))
         return
     if a.client:
         spec = json.loads(Path(a.client).read_text())
@@ -264,8 +266,9 @@ def main() -> None:
         runs = make_runs(a.run, 8, Path(tmp))
         names = [r.name for r in runs]
 
-        wait = ["--batch-wait-ms", str(a.batch_wait_ms)]
-        out["batch_wait_ms"] = a.batch_wait_ms
+        workers = ["--workers", str(a.workers)] if a.workers else []
+        wait = ["--batch-wait-ms", str(a.batch_wait_ms), *workers]
+        out["batch_wait_ms"], out["workers"] = a.batch_wait_ms, a.workers or "default"
         proc, url = start_server(runs[:1], wait)
         out["one_adapter"] = {
             "server_rss_mib": rss_mib(proc.pid),
@@ -282,14 +285,14 @@ def main() -> None:
         out["answer_mismatches_of_sample"] = [check_answers(url, runs, texts[:50]), 2 * 50]
         stop(proc)
 
-        proc, url = start_server(runs, ["--no-batching"])
+        proc, url = start_server(runs, ["--no-batching", *workers])
         out["eight_adapters_no_batching"] = drive(url, names, texts, a.clients, a.seconds)
         stop(proc)
 
         # What batching can gain here at most: the same model and workers without HTTP, batch 1 vs 16.
         out["compute_bound"] = {
-            "batch_1": run_ceiling(runs, texts, 1, a.seconds / 2),
-            "batch_16": run_ceiling(runs, texts, 16, a.seconds / 2),
+            "batch_1": run_ceiling(runs, texts, 1, a.seconds / 2, a.workers),
+            "batch_16": run_ceiling(runs, texts, 16, a.seconds / 2, a.workers),
         }
         servers = [start_server([r]) for r in runs]
         out["eight_single_adapter_servers_rss_mib"] = round(sum(rss_mib(pr.pid) for pr, _ in servers), 1)
