@@ -153,13 +153,19 @@ def load_client(url: str, adapters: list[str], texts: list[str], clients: int, s
     return asyncio.run(main())
 
 
-def drive(url: str, adapters: list[str], texts: list[str], clients: int, seconds: float) -> dict:
-    """The load comes from a separate process, so client work does not run inside the server's process."""
+def in_child(flag: str, spec: dict) -> dict:
+    """Run this script with ``flag SPEC.json`` in a fresh process; its last stdout line is a JSON object."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"url": url, "adapters": adapters, "texts": texts, "clients": clients, "seconds": seconds}, f)
-    out = subprocess.run([sys.executable, __file__, "--client", f.name], capture_output=True, text=True, check=True)
+        json.dump(spec, f)
+    out = subprocess.run([sys.executable, __file__, flag, f.name], capture_output=True, text=True, check=True)
     os.unlink(f.name)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def drive(url: str, adapters: list[str], texts: list[str], clients: int, seconds: float) -> dict:
+    """The load comes from a separate process, so client work does not run inside the server's process."""
+    spec = {"url": url, "adapters": adapters, "texts": texts, "clients": clients, "seconds": seconds}
+    return in_child("--client", spec)
 
 
 def mean_batch(url: str) -> float:
@@ -177,13 +183,11 @@ def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float, worke
     gain on this machine."""
     import threading
 
-    import torch
-
-    from loratag.serve import AdapterPool, cpu_cores, default_workers
+    from loratag.serve import AdapterPool, default_workers, share_cores
 
     pool = AdapterPool([(Path(r), Path(r).name) for r in runs])
     workers = workers or default_workers(pool)
-    torch.set_num_threads(max(1, cpu_cores() // workers))
+    share_cores(pool, workers)
     names = [Path(r).name for r in runs]
     pool.tag(names, texts[: len(names)])  # warm up
     done = [0] * workers
@@ -207,12 +211,8 @@ def ceiling(runs: list[str], texts: list[str], batch: int, seconds: float, worke
 
 
 def run_ceiling(runs: list[Path], texts: list[str], batch: int, seconds: float, workers: int | None) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        spec = {"runs": list(map(str, runs)), "texts": texts, "batch": batch, "seconds": seconds, "workers": workers}
-        json.dump(spec, f)
-    out = subprocess.run([sys.executable, __file__, "--ceiling", f.name], capture_output=True, text=True, check=True)
-    os.unlink(f.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    spec = {"runs": list(map(str, runs)), "texts": texts, "batch": batch, "seconds": seconds, "workers": workers}
+    return in_child("--ceiling", spec)
 
 
 def check_answers(url: str, runs: list[Path], texts: list[str]) -> int:

@@ -147,22 +147,21 @@ def batches(
     lengths: Sequence[int],
     batch_size: int,
     batch_tokens: int | None = None,
-    seed: int | None = None,
+    seed: int = 0,
     group: bool = True,
 ) -> list[list[int]]:
-    """Index batches. With ``seed``: shuffled (reproducibly); with ``group``: sentences of similar length
-    together (sorted inside pools of 50 batches, batches then shuffled), which removes most padding.
-    ``batch_tokens`` caps the padded size (rows x longest) instead of a fixed row count."""
+    """Training batches of indices, shuffled reproducibly by ``seed``; with ``group``: sentences of similar
+    length together (sorted inside pools of 50 batches, batches then shuffled), which removes most padding.
+    ``batch_tokens`` caps the padded size (rows x longest) instead of a fixed row count. Inference batches:
+    ``inference_batches``."""
     order = list(range(len(lengths)))
     rng = random.Random(seed)
-    if seed is not None:
-        rng.shuffle(order)
+    rng.shuffle(order)
     if not group:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    # Without a seed (inference) the whole input is one pool: sorted, no shuffling.
-    pool = len(order) if seed is None else 50 * (batch_size if batch_tokens is None else max(1, batch_tokens // 32))
+    pool = 50 * (batch_size if batch_tokens is None else max(1, batch_tokens // 32))
     out: list[list[int]] = []
-    for p in range(0, len(order), max(pool, 1)):
+    for p in range(0, len(order), pool):
         cur: list[int] = []
         for i in sorted(order[p : p + pool], key=lambda i: lengths[i]):
             # sorted ascending, so lengths[i] is the longest row of the batch if i joins it
@@ -173,8 +172,7 @@ def batches(
             cur.append(i)
         if cur:
             out.append(cur)
-    if seed is not None:
-        rng.shuffle(out)
+    rng.shuffle(out)
     return out
 
 

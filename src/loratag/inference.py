@@ -132,8 +132,8 @@ class Tagger:
         self, sentences: Sequence[Sequence[str]], progress: bool = False, adapters: Sequence[str] | None = None
     ) -> list[torch.Tensor]:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from
-        the window where the word is most central. ``adapters``: one adapter name per sentence, for a PEFT
-        model holding several adapters (one mixed batch, PEFT's ``adapter_names``)."""
+        the window where the word is most central. ``adapters``: one adapter name per sentence, for a model
+        holding several adapters (passed as ``adapter_names``: to PEFT, or to multilora.MultiLoraModel)."""
         windows, self.last_windowed = encode(self.tokenizer, sentences, self.max_length)
         out = [torch.zeros(len(s), len(self.labels)) for s in sentences]
         was_training = self.model.training

@@ -11,6 +11,7 @@ masked).
 # create_app as real annotations, not strings it would look up in the module.
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import json
 import logging
@@ -111,12 +112,14 @@ class AdapterPool:
         if stacked is None:
             log.info("adapters are not all plain LoRA on Linear layers: PEFT's mixed-batch path is used")
         self.stacked = stacked is not None
-        model = stacked or model
+        if stacked is not None:
+            model = stacked
         self.tagger = Tagger(
             model, load_tokenizer(base_name), first_adapter.labels, batch_size=batch_size, device=device_of(device)
         )
         self._local = threading.local()
-        self._peft_lock = threading.Lock()
+        # PEFT's own mixed-batch path adds hooks to shared modules: one call at a time there
+        self._serial = contextlib.nullcontext() if self.stacked else threading.Lock()
         log.info("serving %d adapter(s) on %s: %s", len(names), base_name, ", ".join(names))
 
     def _thread_tagger(self) -> Tagger:
@@ -124,23 +127,17 @@ class AdapterPool:
         not safe to use from two threads at once ("Already borrowed")."""
         tagger = getattr(self._local, "tagger", None)
         if tagger is None:
-            t = self.tagger
-            tagger = Tagger(
-                t.model, copy.deepcopy(t.tokenizer), t.labels, t.max_length, batch_size=t.batch_size, device=t.device
-            )
-            tagger.dtype = t.dtype
+            tagger = copy.copy(self.tagger)
+            tagger.tokenizer = copy.deepcopy(self.tagger.tokenizer)
             self._local.tagger = tagger
         return tagger
 
     def tag(self, adapters: list[str], texts: list[str]) -> list[TaggedDocument]:
         """One forward pass (in sorted batches) over texts of any adapters; threads may call it side by side
-        (PEFT's own mixed-batch path, which adds hooks to shared modules, then runs one call at a time)."""
+        (PEFT's own mixed-batch path then runs one call at a time)."""
         label_sets = [self.adapters[a].labels for a in adapters]
-        tagger = self._thread_tagger()
-        if self.stacked:
-            return tagger.tag_documents(texts, adapters=adapters, label_sets=label_sets)
-        with self._peft_lock:
-            return tagger.tag_documents(texts, adapters=adapters, label_sets=label_sets)
+        with self._serial:
+            return self._thread_tagger().tag_documents(texts, adapters=adapters, label_sets=label_sets)
 
 
 class QueueFull(Exception):
@@ -449,14 +446,21 @@ def default_workers(pool: AdapterPool) -> int:
     return min(2, cpu_cores())
 
 
+def share_cores(pool: AdapterPool, workers: int) -> None:
+    """On the CPU, each worker gets an equal share of the cores as torch threads. Process-wide, so called by
+    ``run`` and not by create_app, which tests call in their own process."""
+    import torch
+
+    if pool.tagger.device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_cores() // workers))
+
+
 def run(pool: AdapterPool, host: str, port: int, settings: ServeSettings) -> None:
-    """Serve until interrupted. On the CPU, each worker gets an equal share of the cores as torch threads
-    (process-wide, so set here and not in create_app, which tests call in their own process)."""
+    """Serve until interrupted."""
     import torch
     import uvicorn
 
-    if pool.tagger.device.type == "cpu":
-        torch.set_num_threads(max(1, cpu_cores() // settings.workers))
+    share_cores(pool, settings.workers)
     log.info("%d worker(s), %d torch thread(s) each", settings.workers, torch.get_num_threads())
     wrapped, _ = create_app(pool, settings)
     uvicorn.run(wrapped, host=host, port=port, log_level="info")
