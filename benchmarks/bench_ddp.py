@@ -11,11 +11,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from loratag.dist import launch_command
 
 
 def _tree_rss_mib(root: int) -> float:
@@ -85,20 +86,7 @@ def main() -> None:
             run_dir = Path(tmp) / f"p{procs}"
             args = ["train", *common, "--batch-size", str(a.batch_size // procs), "--out", str(run_dir)]
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // procs))}
-            launcher = (
-                [sys.executable, "-m", "loratag"]
-                if procs == 1
-                else [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={procs}",
-                    "-m",
-                    "loratag",
-                ]
-            )
-            peak = run([*launcher, *args], env)
+            peak = run([*launch_command(procs), *args], env)
             m = json.loads((run_dir / "metrics.json").read_text())
             seconds = sum(e["train_seconds"] for e in m["epochs"])
             tokens = sum(e["train_tokens"] for e in m["epochs"])

@@ -4,12 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from loratag.dist import launch_command
 
 from .conftest import RESOURCES
 
@@ -54,21 +55,13 @@ def _args(model, data, out, batch):
 
 def _launch(args, procs: int, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if procs == 1:
-        cmd = [sys.executable, "-m", "loratag", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={procs}",
-            "-m",
-            "loratag",
-            *args,
-        ]
     return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, **kw
+        [*launch_command(procs), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kw,
     )
 
 

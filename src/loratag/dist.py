@@ -8,6 +8,7 @@ gradients of the trainable (LoRA) parameters only.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,19 @@ class Dist:
     def close(self) -> None:
         if self.started_here:
             torch.distributed.destroy_process_group()
+
+
+def launch_command(processes: int) -> list[str]:
+    """The command line that starts ``loratag`` in ``processes`` local processes (torchrun when more than one);
+    append loratag's own arguments."""
+    if processes <= 1:
+        return [sys.executable, "-m", "loratag"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "loratag",
+    ]
