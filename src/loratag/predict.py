@@ -6,12 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError, read_text
+from .data import JSONL_EXT, DataError, read_text
 from .inference import TaggedDocument, Tagger
 from .text import Word, entities
 
-JSONL = (".jsonl", ".json")
-CONLL = (".conll", ".tsv")
+CONLL = (".conll", ".tsv")  # pre-split words; unlike training data, .txt here is raw text
 COLOURS = ["31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96"]
 
 
@@ -28,7 +27,7 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
     if path.suffix in CONLL:
         return _conll_words(path)
     text = read_text(path)
-    if path.suffix in JSONL:
+    if path.suffix in JSONL_EXT:
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -121,6 +120,6 @@ def predict(tagger: Tagger, texts: list, output: Path | None, words: bool, progr
         return len(docs)
     tmp = output.with_name(output.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        (write_jsonl if output.suffix in JSONL else write_conll)(docs, f)
+        (write_jsonl if output.suffix in JSONL_EXT else write_conll)(docs, f)
     tmp.replace(output)
     return len(docs)
