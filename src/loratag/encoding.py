@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
+from .progress import bar as progress_bar
 
 IGNORE = -100
 
@@ -47,36 +47,60 @@ def plan_windows(counts: Sequence[int], budget: int) -> list[tuple[int, int, int
     """Split words with ``counts[i]`` sub-tokens into overlapping windows of at most ``budget`` sub-tokens.
 
     Returns ``(start, end, first, last)`` word ranges: the window covers ``[start, end)`` and owns
-    ``[first, last)``. Consecutive windows overlap by about half a window (flair's stride of half the
-    length) and split the overlap in its middle, so each word belongs to the window where it is most
-    central. A single word longer than the budget gets a window of its own (its tail is cut; only its
-    first sub-token is ever labelled).
+    ``[first, last)``. Each window starts about half a window (in sub-tokens) after the previous one (flair's
+    stride of half the length), and always far enough on to take in the first word the previous one could not,
+    so windows never creep forward by less. Each word is owned by the window where it is most central: where
+    the smaller of its distances, in sub-tokens, to the window's two ends is largest. A single word longer than
+    the budget gets a window of its own (its tail is cut; only its first sub-token is ever labelled).
 
     >>> plan_windows([1, 1, 1, 1, 1, 1], 4)
     [(0, 4, 0, 3), (2, 6, 3, 6)]
     """
     n = len(counts)
+    pos = [0]  # pos[i]: sub-tokens before word i
+    for c in counts:
+        pos.append(pos[-1] + c)
     spans: list[tuple[int, int]] = []
     s = 0
     while True:
-        e, total = s, 0
-        while e < n and total + counts[e] <= budget:
-            total += counts[e]
+        e = s + 1
+        while e < n and pos[e + 1] - pos[s] <= budget:
             e += 1
-        e = max(e, s + 1)
         spans.append((s, e))
         if e >= n:
             break
-        ns, half = s, 0
-        while ns < e and half + counts[ns] <= total // 2:
-            half += counts[ns]
+        # the next start: the first word at or past the half-way sub-token, moved on until word e fits in
+        ns = s + 1
+        while ns < e and pos[ns] < pos[s] + (pos[e] - pos[s]) // 2:
             ns += 1
-        s = max(ns, s + 1)
-    out, first = [], 0
-    for j, (s, e) in enumerate(spans):
-        last = n if j == len(spans) - 1 else max(first, (spans[j + 1][0] + e) // 2)
-        out.append((s, e, first, last))
-        first = last
+        while ns < e and pos[e + 1] - pos[ns] > budget:
+            ns += 1
+        s = ns
+    return _assign_owners(spans, pos)
+
+
+def _assign_owners(spans: list[tuple[int, int]], pos: list[int]) -> list[tuple[int, int, int, int]]:
+    """Give each word to the covering window where it is most central (ties: the earlier window). Window
+    centres increase with the window index, so every window owns one contiguous run of words."""
+    owner, j = [], 0
+    for w in range(len(pos) - 1):
+        centre = (pos[w] + pos[w + 1]) / 2
+        best, best_c = None, None
+        for k in range(j, len(spans)):
+            s, e = spans[k]
+            if s > w:
+                break
+            if w < e:
+                c = min(centre - pos[s], pos[e] - centre)
+                if best_c is None or c > best_c:
+                    best, best_c = k, c
+        owner.append(best)
+        j = best
+    out = []
+    for k, (s, e) in enumerate(spans):
+        mine = [w for w in range(s, e) if owner[w] == k]
+        first = mine[0] if mine else (out[-1][3] if out else 0)
+        out.append((s, e, first, mine[-1] + 1 if mine else first))
     return out
 
 
@@ -94,7 +118,7 @@ def encode(
     windows: list[Window] = []
     windowed = 0
     chunk = 2048
-    bar = tqdm(total=len(sentences), desc="tokenize", unit="sent", disable=not progress, leave=False)
+    bar = progress_bar(len(sentences), "tokenize", "sent", progress)
     for i, words in enumerate(sentences):
         if i % chunk == 0:  # the fast tokenizer works in batches; chunks keep the progress bar moving
             enc = tokenizer(sentences[i : i + chunk], is_split_into_words=True, add_special_tokens=True)
