@@ -30,6 +30,24 @@ def _corpus_words() -> list[str]:
     return sorted(words)
 
 
+AVX2 = (frozenset({"avx", "avx2", "fma"}), "AVX2")  # bf16 emulated: precision "auto" gives fp32
+ZEN4 = (frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX512")  # torch says AVX512; the flag tells bf16
+AMX = (frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), "AMX")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_fast_bf16():
+    """Every in-process test sees a CPU whose bf16 is emulated, so that ``--precision auto`` runs fp32 and exact
+    comparisons hold on every machine (AVX2, AVX-512-BF16, AMX). Session-wide, so that module-scoped fixtures
+    (servers, pools) built before any function fixture see it too. The bf16 path has its own tests
+    (test_precision.py), which ask for bf16 explicitly or patch the detection to another kind."""
+    from loratag import modeling
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling, "cpu_features", lambda: AVX2)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with a WordPiece vocabulary, saved as a model directory."""
@@ -110,7 +128,7 @@ def tiny_cfg(tiny_bert) -> Config:
         model=str(tiny_bert),
         data=str(RESOURCES / "tiny"),
         lora=LoraSettings(r=4, alpha=8, dropout=0.1, bias="none"),
-        train=TrainConfig(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0),
+        train=TrainConfig(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0, precision="fp32"),
     )
 
 

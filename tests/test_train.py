@@ -54,6 +54,7 @@ def test_train_save_reload_identical(base, bias, request, tiny_cfg, tmp_path, ca
         train=replace(tiny_cfg.train, epochs=1, lr=0.05),
     )
     run, mem = train_and_load(cfg, tmp_path / "run", progress=False, stop_after_steps=3)
+    assert not mem.model.training  # the returned Tagger predicts without dropout
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert {p.name for p in (run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 
@@ -157,6 +158,8 @@ def test_sigkill_then_resume_gives_the_same_result(tiny_bert, tmp_path):
         "8",
         "--checkpoint-minutes",
         "0.00001",
+        "--precision",
+        "fp32",  # compared exactly (auto is bf16 on CPUs with AMX / AVX-512-BF16)
     ]
     full = _cli([*args, "--out", str(tmp_path / "full")])
     assert full.wait(timeout=600) == 0, full.stderr.read().decode()
@@ -190,3 +193,60 @@ def test_sigkill_then_resume_gives_the_same_result(tiny_bert, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
     assert not (killed / "checkpoint.pt").exists()
+
+
+def test_a_batch_whose_windows_own_no_words_gives_zero_loss():
+    """Such a batch used to divide by zero (its global label count is 0); now it contributes nothing."""
+    from loratag.encoding import IGNORE
+    from loratag.train import token_loss
+
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    gold = torch.full((2, 5), IGNORE)
+    loss, loss_sum = token_loss(logits, gold, divisor=0, world=2)
+    assert loss.item() == 0.0 and loss_sum.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_token_loss_is_the_global_token_mean():
+    """Two processes' losses, each divided by the global batch's labelled tokens and multiplied by the world
+    (DDP then averages), give the gradient of one process on the global batch."""
+    from loratag.train import token_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 7)
+    gold = torch.randint(0, 7, (4, 6))
+    gold[0, :3] = -100
+    whole, _ = token_loss(logits, gold, int((gold != -100).sum()))
+    halves = [token_loss(logits[i : i + 2], gold[i : i + 2], int((gold != -100).sum()), world=2)[0] for i in (0, 2)]
+    torch.testing.assert_close(sum(halves) / 2, whole)
+    torch.testing.assert_close(whole, torch.nn.functional.cross_entropy(logits.flatten(0, 1), gold.flatten()))
+
+
+@pytest.mark.parametrize("base", ["tiny_bert", "tiny_roberta"])
+def test_all_linear_adapts_every_encoder_linear_layer_not_the_head(base, request, tiny_cfg, tmp_path):
+    """`--target-modules all-linear` (the example in --help) used to die in PEFT: its all-linear takes in the
+    classifier, which TOKEN_CLS also trains whole (modules_to_save)."""
+    from peft.tuners.lora import LoraLayer
+
+    from loratag.labels import LabelSet
+    from loratag.modeling import build_model
+
+    cfg = replace(
+        tiny_cfg, model=str(request.getfixturevalue(base)), lora=replace(tiny_cfg.lora, target_modules="all-linear")
+    )
+    model = build_model(cfg, LabelSet.load(RESOURCES / "tiny/label.json"))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    linear = {
+        n.replace(".base_layer", "")
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".encoder." in n and "lora_" not in n
+    }
+    assert linear and linear <= adapted  # every Linear of the encoder: q, k, v, attention output, FFN in and out
+    assert len(adapted) == 6 * 2  # 6 Linear layers per layer x 2 layers
+    assert not any("classifier" in n for n in adapted)
+    assert "classifier" in str(model.peft_config["default"].modules_to_save)
+    run, tagger = train_and_load(replace(cfg, train=replace(cfg.train, epochs=1)), tmp_path / "r", progress=False)
+    assert len(tagger.predict_words(WORDS)) == 2
+    saved = json.loads((run / "adapter/adapter_config.json").read_text())["target_modules"]
+    assert set(saved) == {"query", "key", "value", "dense"}

@@ -26,6 +26,15 @@ EXAMPLES = """examples:
 """
 
 
+BASE_HELP = (
+    "base model, instead of the one the run or adapter names: a hub name, a local directory, or minilm "
+    "(for adapters whose base_model_name_or_path is another machine's path)"
+)
+PRECISION_HELP = (
+    "dtype of the forward passes; auto: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA, else fp32 [default: auto]"
+)
+
+
 def _parse_value(f, text: str):
     kind = str(f.type)
     if text.lower() in ("none", "null") and "None" in kind:
@@ -108,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="hub dataset name or local data directory")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
     e.add_argument("--output", type=Path, help="write the metrics here [default: RUN/eval-SPLIT.json for runs]")
-    e.add_argument("--labels", type=Path, help="label.json for adapters saved without labels [default: the data's]")
+    e.add_argument(
+        "--labels",
+        type=Path,
+        help="label.json (label -> id of the classifier head) for adapters saved without labels "
+        "[default: the run's labels.json, else the adapter's config.json, else a label.json beside the data]",
+    )
+    e.add_argument("--base", help=BASE_HELP)
+    e.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
     e.add_argument("--device")
 
     pr = sub.add_parser(
@@ -130,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", type=Path, help="write .jsonl (one document per line, in input order) or .conll")
     pr.add_argument("--words", action="store_true", help="print each word with its label instead of entities")
     pr.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
+    pr.add_argument("--base", help=BASE_HELP)
     pr.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of Linear layers (CPU)")
     pr.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
     pr.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
-    pr.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    pr.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
     pr.add_argument("--device")
 
     pa = sub.add_parser(
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
     ex.add_argument("--out", required=True, type=Path, help="directory to write")
     ex.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
+    ex.add_argument("--base", help=BASE_HELP)
     ex.add_argument("--overwrite", action="store_true")
 
     sv = sub.add_parser(
@@ -164,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("runs", nargs="*", help="run directories; RUN:NAME names the adapter [default: the folder name]")
     sv.add_argument("--runs-dir", type=Path, help="serve every run directory in this folder")
+    sv.add_argument("--base", help="base model for every adapter, instead of the ones the runs name")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device")
@@ -211,19 +230,26 @@ def _cmd_train(args) -> None:
 def _cmd_evaluate(args) -> None:
     from .data import load_corpus
     from .evaluation import evaluate
+    from .inference import Tagger, known_labels
+    from .labels import LabelSet
     from .runio import write_json
 
     corpus = load_corpus(args.data)
     if args.split not in corpus.splits:
         raise ValueError(f"{args.data}: no {args.split} split; found {', '.join(corpus.splits)}")
-    from .labels import LabelSet
-
     labels = LabelSet.load(args.labels) if args.labels else None
-    if labels is None and not (args.run / "labels.json").exists():
+    if labels is None and known_labels(args.run) is None:
+        # a plain adapter (the PEFT guide's code saves no labels): only a label.json beside the data says the
+        # order of its classifier head; labels sorted from the tags seen would be a guess, and a wrong one
+        # scores near zero without any error
+        if corpus.labels_from is None:
+            raise ValueError(
+                f"{args.run}: the adapter does not say its label order and {args.data} has no label.json; "
+                "pass --labels label.json (label -> id of the classifier head)"
+            )
+        logging.getLogger("loratag").info("labels: %s (the adapter carries none)", corpus.labels_from)
         labels = corpus.labels
-    from .inference import Tagger
-
-    tagger = Tagger.load(args.run, labels=labels, device=args.device)
+    tagger = Tagger.load(args.run, labels=labels, device=args.device, base=args.base, precision=args.precision)
     unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
     if unknown:  # label ids may be ordered differently; names must be known to the model
         raise ValueError(
@@ -259,6 +285,7 @@ def _cmd_predict(args) -> None:
         quantize=args.quantize,
         precision=args.precision,
         batch_size=args.batch_size,
+        base=args.base,
     )
     n = predict(tagger, texts, args.output, words=args.words, progress=args.output is not None)
     if args.output is not None:
@@ -286,7 +313,8 @@ def _cmd_export(args) -> None:
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
-    tagger = Tagger.load(args.run, labels=LabelSet.load(args.labels) if args.labels else None, device="cpu")
+    labels = LabelSet.load(args.labels) if args.labels else None
+    tagger = Tagger.load(args.run, labels=labels, device="cpu", base=args.base, precision="fp32")
     tagger.export(args.out)
     print(f"merged model -> {args.out}")
 
@@ -309,7 +337,7 @@ def _cmd_serve(args) -> None:
     )
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    pool = AdapterPool(parse_runs(args.runs, args.runs_dir), device=args.device)
+    pool = AdapterPool(parse_runs(args.runs, args.runs_dir), device=args.device, base=args.base)
     settings = dataclasses.replace(settings, workers=args.workers or default_workers(pool))
     run(pool, args.host, args.port, settings)
 
@@ -340,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+        if not sys.stderr.isatty():  # its "Loading weights" bars redraw with carriage returns: noise in a log
+            transformers.utils.logging.disable_progress_bar()
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError) as e:
         print(f"loratag {args.command}: error: {e}", file=sys.stderr)

@@ -32,8 +32,9 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = _opt(
         None,
         "--target-modules",
-        "comma-separated module names to adapt, e.g. query,value or all-linear (default: PEFT's choice for "
-        "the architecture, query+value on BERT/RoBERTa as in the guide)",
+        "comma-separated module names to adapt, e.g. query,value, or all-linear: every Linear layer of the "
+        "encoder, not the classifier head (default: PEFT's choice for the architecture, query+value on "
+        "BERT/RoBERTa as in the guide)",
     )
 
     def __post_init__(self) -> None:

@@ -40,6 +40,9 @@ class Corpus:
     splits: dict[str, list[Sentence]]
     labels: LabelSet
     source: str
+    labels_from: str | None = None
+    """Where the label order comes from (a label.json, a dataset's ClassLabel names); None: sorted from the
+    tags seen, an order no model was trained with unless loratag trained it (and saved it in labels.json)."""
 
 
 def read_text(path: Path) -> str:
@@ -149,7 +152,9 @@ def load_folder(folder: str | Path, labels: LabelSet | None = None) -> Corpus:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data directory not found: {folder}")
+    labels_from = "--labels" if labels is not None else None
     if labels is None and (folder / "label.json").is_file():
+        labels_from = str(folder / "label.json")
         try:
             labels = LabelSet.from_mapping(json.loads((folder / "label.json").read_text(encoding="utf-8")))
         except (json.JSONDecodeError, ValueError, AttributeError) as e:
@@ -169,7 +174,7 @@ def load_folder(folder: str | Path, labels: LabelSet | None = None) -> Corpus:
         seen = [t for recs in records.values() for _, tags, _ in recs for t in tags if isinstance(t, str)]
         labels = LabelSet.from_tags(seen)
     splits = {s: _to_sentences(recs, labels, s, paths[s]) for s, recs in records.items()}
-    return Corpus(splits, labels, str(folder))
+    return Corpus(splits, labels, str(folder), labels_from)
 
 
 def from_hf_dataset(dataset_dict, source: str) -> Corpus:
@@ -181,6 +186,7 @@ def from_hf_dataset(dataset_dict, source: str) -> Corpus:
     feature = first.features[tag_col]
     names = getattr(getattr(feature, "feature", None), "names", None)
     labels = LabelSet(tuple(names)) if names else None
+    labels_from = f"{source}: ClassLabel names of column {tag_col}" if names else None
     records = {}
     for split, ds in dataset_dict.items():
         key = next((k for k, v in SPLIT_NAMES.items() if split in v), None)
@@ -191,7 +197,8 @@ def from_hf_dataset(dataset_dict, source: str) -> Corpus:
     missing = [s for s in ("train", "validation") if s not in records]
     if missing:
         raise DataError(f"{source}: no {' or '.join(missing)} split; found {list(dataset_dict)}")
-    return Corpus({s: _to_sentences(r, labels, s, Path(source)) for s, r in records.items()}, labels, source)
+    splits = {s: _to_sentences(r, labels, s, Path(source)) for s, r in records.items()}
+    return Corpus(splits, labels, source, labels_from)
 
 
 def load_hub_snapshot(folder: Path, source: str) -> Corpus:

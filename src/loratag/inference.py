@@ -10,21 +10,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import FORMAT, Config
 from .encoding import collate, encode, inference_batches
 from .labels import LabelSet, repair_iob2
 from .modeling import (
+    adapter_base,
     adapter_labels,
     autocast,
     device_of,
     load_adapter,
     load_tokenizer,
     model_max_length,
+    precision_name,
     resolve_model,
     resolve_precision,
 )
+from .progress import bar as progress_bar
 from .text import Entity, Word, entities, split_sentences
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,26 @@ def quantize_int8(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def locate(path: Path) -> tuple[Path, Config | None]:
+    """The adapter folder of a loratag run directory (with the run's Config) or of a plain PEFT adapter."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run or adapter directory not found: {path}")
+    cfg_path = path / "config.json"
+    cfg, adapter = None, path
+    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("format") == FORMAT:
+        cfg, adapter = Config.load(cfg_path), path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no adapter_config.json; expected a loratag run or a PEFT adapter")
+    return adapter, cfg
+
+
+def known_labels(path: Path) -> LabelSet | None:
+    """The label order a run or adapter carries (run labels.json, adapter config.json); None if it says none."""
+    adapter, cfg = locate(path)
+    return adapter_labels(adapter, Path(path) if cfg is not None else None)
+
+
 class Tagger:
     """A token classifier with its tokenizer and labels; predicts one label per word."""
 
@@ -72,6 +94,11 @@ class Tagger:
         self.batch_size = batch_size
         self.last_windowed = 0
 
+    @property
+    def precision(self) -> str:
+        """The dtype the forward passes run in: ``fp32``, ``bf16`` or ``fp16``."""
+        return precision_name(self.dtype)
+
     @classmethod
     def load(
         cls,
@@ -80,31 +107,32 @@ class Tagger:
         device: str | None = None,
         merge: bool = True,
         quantize: str | None = None,
+        base: str | None = None,
         **kw,
     ) -> Tagger:
-        """From a loratag run directory or a plain PEFT adapter directory (``labels``: for adapters saved
-        without a label list, e.g. by the PEFT guide's code). ``merge``: fold the LoRA weights (and the
-        adapter's classifier head) into the base model, so inference runs a plain transformers model.
-        ``quantize="int8"``: dynamic int8 Linear layers (CPU)."""
+        """From a loratag run directory or a plain PEFT adapter directory.
+
+        ``labels``: the label order of the classifier head, for adapters that do not carry it (the PEFT guide's
+        code saves none); without it the run's labels.json or the adapter's config.json must say, else this
+        stops. ``base``: the base model, instead of the one the run or adapter names. ``merge``: fold the LoRA
+        weights (and the adapter's classifier head) into the base model, so inference runs a plain transformers
+        model. ``quantize="int8"``: dynamic int8 Linear layers (CPU)."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"run or adapter directory not found: {path}")
-        base = None
-        cfg_path = path / "config.json"
-        if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("format") == FORMAT:
-            cfg = Config.load(cfg_path)
-            base = cfg.model
+        adapter, cfg = locate(path)
+        if cfg is not None:
             kw.setdefault("max_length", cfg.train.max_length)
-            adapter = path / "adapter"
-        else:
-            adapter = path
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{path}: no adapter_config.json; expected a loratag run or a PEFT adapter")
-        labels = labels or adapter_labels(adapter)
+        labels = labels or known_labels(path)
         if labels is None:
-            raise ValueError(f"{path}: no labels.json beside the adapter; pass the label set (--labels label.json)")
-        model = load_adapter(adapter, labels, base).to(device_of(device))
-        tokenizer = load_tokenizer(resolve_model(base or model.peft_config["default"].base_model_name_or_path))
+            raise ValueError(
+                f"{path}: the adapter does not say its label order (no labels.json, no config.json with id2label); "
+                'pass it with --labels label.json ({"O": 0, "B-X": 1, ...}, the ids of the classifier head)'
+            )
+        user_base = base is not None
+        if cfg is not None:
+            base = base or cfg.model
+        base = base or adapter_base(adapter)
+        model = load_adapter(adapter, labels, base, user_base=user_base).to(device_of(device))
+        tokenizer = load_tokenizer(resolve_model(base))
         if merge or quantize:
             model = model.merge_and_unload().eval()
         if quantize == "int8":
@@ -140,7 +168,7 @@ class Tagger:
         self.model.eval()
         pad = self.tokenizer.pad_token_id or 0
         order = inference_batches([len(w.input_ids) for w in windows], self.batch_size)
-        bar = tqdm(total=len(sentences), desc="predict", unit="sent", disable=not progress, leave=False)
+        bar = progress_bar(len(sentences), "predict", "sent", progress)
         try:
             for idx in order:
                 group = [windows[i] for i in idx]

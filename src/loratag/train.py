@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .card import write_card
 from .config import Config
@@ -30,9 +29,11 @@ from .modeling import (
     count_parameters,
     load_tokenizer,
     model_max_length,
+    precision_name,
     resolve_model,
     resolve_precision,
 )
+from .progress import bar as progress_bar
 from .runio import read_json, recover, save_adapter, write_json
 
 log = logging.getLogger("loratag")
@@ -160,6 +161,17 @@ def _global_label_counts(plan: list[list[int]], windows) -> list[int]:
     return [sum(counts[i] for i in b) for b in plan]
 
 
+def token_loss(logits: torch.Tensor, gold: torch.Tensor, divisor: int, world: int = 1):
+    """``(loss to backpropagate, summed loss)``: the cross-entropy summed over this process's labelled tokens,
+    divided by the labelled tokens of the whole global batch (``divisor``) and multiplied by ``world`` because
+    DDP averages gradients over processes: the gradient one process would compute on the global batch. A batch
+    with no labelled token (windows that own no words) gives a zero loss, not a division by zero."""
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), gold.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss_sum * (world / max(1, divisor)), loss_sum
+
+
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_after_steps, dist: Dist):
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -172,6 +184,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_af
     model = build_model(cfg, labels).to(device)
     max_length = min(t.max_length or 10**9, model_max_length(tokenizer, model.config))
     windows, windowed = encode(tokenizer, [s.tokens for s in train_set], max_length, progress=progress)
+    windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn from
     label_ids = [[labels.label2id[x] for x in s.tags] for s in train_set]
     lengths = [len(w.input_ids) for w in windows]
     dtype = resolve_precision(t.precision, device)
@@ -182,7 +195,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_af
     per_process = f"<= {t.batch_tokens} tokens" if t.batch_tokens else t.batch_size
     run_facts = {
         "device": str(device),
-        "autocast": str(dtype).replace("torch.", "") if dtype else "fp32",
+        "autocast": precision_name(dtype),
         "max_length": max_length,
         "train_sentences": len(train_set),
         "train_windows": len(windows),
@@ -266,26 +279,14 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_af
             torch.manual_seed(t.seed * 1009 + epoch + 7919 * dist.rank)
         model.train()
         started = time.monotonic() - mine["seconds"]
-        bar = tqdm(
-            total=len(plan),
-            initial=state["step_in_epoch"],
-            desc=f"epoch {epoch + 1}/{t.epochs}",
-            unit="step",
-            disable=not progress,
-            leave=False,
-        )
+        bar = progress_bar(len(plan), f"epoch {epoch + 1}/{t.epochs}", "step", progress, state["step_in_epoch"])
         for b in range(state["step_in_epoch"], len(plan)):
             rows = plan[b][dist.rank :: dist.world]
             batch = {k: v.to(device) for k, v in collate([windows[i] for i in rows], pad, label_ids).items()}
             gold = batch.pop("labels")
             with autocast(device, dtype):
                 logits = forward(**batch).logits
-            # sum over this process's labelled tokens / labelled tokens of the global batch; DDP averages over
-            # processes, hence x world: the gradient of one process on the whole global batch
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), gold.flatten(), ignore_index=IGNORE, reduction="sum"
-            )
-            loss = loss_sum * (dist.world / divisors[epoch][b])
+            loss, loss_sum = token_loss(logits, gold, divisors[epoch][b], dist.world)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer's default, as in the guide
@@ -365,4 +366,5 @@ def _finish(cfg, out: Path, model, evaluator, corpus, state, labels, dist: Dist)
         write_card(out, cfg, labels, metrics, read_json(out / "config.json").get("run", {}))
         (out / CHECKPOINT).unlink(missing_ok=True)
     dist.barrier()
+    model.eval()  # the returned Tagger predicts; dropout stays off
     return out, evaluator
