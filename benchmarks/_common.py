@@ -49,3 +49,30 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> dict:
 
 def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
+
+
+def cpu_facts() -> dict:
+    """What decides the figures on this machine: the CPU model, its bf16 kind, the flags that matter, torch's
+    capability string and thread count (benchmarks print this beside their numbers)."""
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from loratag.modeling import cpu_bf16, cpu_features
+
+    flags, capability = cpu_features()
+    model = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    return {
+        "model": model or platform.processor(),
+        "bf16": cpu_bf16(),
+        "flags": sorted(f for f in flags if f in wanted),
+        "torch_capability": capability,
+        "torch_threads": torch.get_num_threads(),
+    }

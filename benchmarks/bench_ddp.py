@@ -11,12 +11,16 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from loratag.dist import launch_command
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_facts  # noqa: E402
+
+from loratag.dist import launch_command  # noqa: E402
 
 
 def _tree_rss_mib(root: int) -> float:
@@ -99,6 +103,7 @@ def main() -> None:
                 "test_f1": m["test"]["f1"],
             }
     out["speedup"] = round(out["processes_2"]["tokens_per_s"] / out["processes_1"]["tokens_per_s"], 2)
+    out["cpu"] = cpu_facts()
     print(json.dumps(out))
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import emit, run_arm  # noqa: E402
+from _common import cpu_facts, emit, run_arm  # noqa: E402
 
 
 def _test(a):
@@ -144,6 +144,7 @@ def main() -> None:
                 out["int8_speedup_vs_pipeline"] = round(
                     results["loratag_int8"]["sentences_per_s"] / results.get("pipeline", ref)["sentences_per_s"], 2
                 )
+    out["cpu"] = cpu_facts()
     emit(out)
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import emit  # noqa: E402
+from _common import cpu_facts, emit  # noqa: E402
 
 
 def make_runs(run: Path | None, n: int, root: Path) -> list[Path]:
@@ -309,6 +309,7 @@ def main() -> None:
     )
     bound = out["compute_bound"]
     bound["speedup"] = round(bound["batch_16"]["sentences_per_s"] / max(bound["batch_1"]["sentences_per_s"], 1e-9), 2)
+    out["cpu"] = cpu_facts()
     emit(out)
 
 

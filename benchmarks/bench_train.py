@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import emit, matmul_peak, run_arm  # noqa: E402
+from _common import cpu_facts, emit, matmul_peak, run_arm  # noqa: E402
 
 
 def guide_arm(a) -> dict:
@@ -148,6 +148,8 @@ def guide_arm(a) -> dict:
         )
         trainer.train()
         test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+        if a.save_adapter:  # the adapter as the guide shares it: PEFT files only, no label list
+            model.save_pretrained(a.save_adapter)
     return {
         "tokens_per_s": train_tokens * a.epochs / EpochTimer.seconds,
         "train_s": EpochTimer.seconds,
@@ -238,6 +240,7 @@ def main() -> None:
         help="score on the first N validation and test sentences only (speed runs on large bases)",
     )
     p.add_argument("--arms", default="guide,loratag")
+    p.add_argument("--save-adapter", help="keep the guide arm's best adapter here (plain PEFT, as the guide saves it)")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.arm:
@@ -254,11 +257,14 @@ def main() -> None:
     args = ["--data", a.data, "--model", a.model, "--epochs", str(a.epochs), "--seed", str(a.seed)]
     if a.train_sentences:
         args += ["--train-sentences", str(a.train_sentences)]
+    if a.save_adapter:
+        args += ["--save-adapter", a.save_adapter]
     results = {arm: run_arm(__file__, arm, args) for arm in a.arms.split(",")}
     out = {
         "model": a.random_base or a.model,
         "train_sentences": a.train_sentences or "all",
         "epochs": a.epochs,
+        "cpu": cpu_facts(),
         "matmul_peak_gflops": peak,
         **results,
     }
