@@ -90,7 +90,8 @@ def test_threads_each_use_their_own_rows(tiny_bert):
 def test_what_cannot_be_stacked_is_left_to_peft(tiny_bert):
     model = _peft_model(tiny_bert, {"genes": {"r": 4}, "dora": {"r": 4, "use_dora": True}})
     before = {n: type(m) for n, m in model.named_modules()}
-    assert multilora.build(model, ["genes", "dora"]) is None
+    with pytest.raises(multilora.Unstackable, match="'dora' uses DoRA"):
+        multilora.build(model, ["genes", "dora"])
     assert {n: type(m) for n, m in model.named_modules()} == before, "the PEFT model was changed"
 
 
@@ -101,3 +102,45 @@ def test_adapter_names_are_required(tiny_bert):
         stacked(ids, mask)
     with pytest.raises(KeyError):
         stacked(ids, mask, adapter_names=["zzz"] * 6)
+
+
+def test_per_row_biases_match_each_adapter_with_its_biases_in_the_base(tiny_bert):
+    """Row biases (bias "all" adapters): each row computes what the base with that adapter's biases written into
+    it computes, and a row of an adapter without trained biases what the untouched base computes."""
+    configs = {"biased": {"r": 4, "lora_alpha": 8}, "norm-only": {"r": 2, "lora_alpha": 4}, "none": {"r": 4}}
+    model = _peft_model(tiny_bert, configs)  # LoRA on query and value only
+    names = list(configs)
+    base = model.base_model.model
+    linear = "bert.encoder.layer.0.attention.self.key"  # a plain Linear: no adapter has LoRA there
+    lora = "bert.encoder.layer.1.attention.self.query"  # LoRA-adapted: its base layer's bias
+    norm = "bert.embeddings.LayerNorm"
+    torch.manual_seed(3)
+    own = {
+        m: base.get_submodule(m).get_base_layer().bias if m == lora else base.get_submodule(m).bias
+        for m in (linear, lora, norm)
+    }
+    biases = [{m: v.detach() + torch.randn_like(v) for m, v in own.items()}, {norm: own[norm].detach() - 1.0}, {}]
+    ids, mask = _batch()
+    rows = [names[i % len(names)] for i in range(len(ids))]
+    expected = []
+    for r, name in enumerate(rows):
+        saved = {m: v.detach().clone() for m, v in own.items()}
+        with torch.no_grad():
+            for m, v in biases[names.index(name)].items():
+                own[m].copy_(v)
+            model.set_adapter(name)
+            expected.append(model(input_ids=ids[r : r + 1], attention_mask=mask[r : r + 1]).logits[0])
+            for m, v in saved.items():
+                own[m].copy_(v)
+    with torch.no_grad():
+        model.set_adapter("biased")
+        unbiased = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0]
+    assert not torch.allclose(expected[0], unbiased, atol=1e-3), "the biases changed nothing; an empty check"
+    stacked = multilora.build(model, names, biases)
+    kinds = {type(stacked.model.get_submodule(m)).__name__ for m in (linear, lora, norm)}
+    assert kinds == {"RowBiasLinear", "MultiLoraLinear", "RowBiasLayerNorm"}
+    with torch.no_grad():
+        got = stacked(ids, mask, adapter_names=rows).logits
+    for r in range(len(ids)):
+        n = int(mask[r].sum())
+        torch.testing.assert_close(got[r, :n], expected[r][:n], rtol=1e-5, atol=1e-5)

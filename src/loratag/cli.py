@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import Config, LoraSettings, TrainConfig, option_fields, with_overrides
+from .config import Config, LoraSettings, ServeSettings, TrainConfig, option_fields, serve_fields, with_overrides
 
 EXAMPLES = """examples:
   loratag train --data ../shared/data/bionlp2004 --out runs/bionlp          # offline default (MiniLM)
@@ -183,14 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("runs", nargs="*", help="run directories; RUN:NAME names the adapter [default: the folder name]")
     sv.add_argument("--runs-dir", type=Path, help="serve every run directory in this folder")
     sv.add_argument("--base", help="base model for every adapter, instead of the ones the runs name")
+    sv.add_argument("--labels", type=Path, help="label.json for plain PEFT adapters that carry no label order")
+    sv.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help=PRECISION_HELP + "; fp32 answers exactly as `loratag predict --precision fp32`",
+    )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device")
-    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests [default: 5]")
-    sv.add_argument("--max-batch-texts", type=int, default=256, help="texts per forward batch at most")
-    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests before 503 [default: 1024]")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request size limit [default: 1 MiB]")
-    sv.add_argument("--max-text-chars", type=int, default=100_000, help="characters per text at most")
+    for f in serve_fields():  # the limits' defaults live in config.ServeSettings only
+        sv.add_argument(
+            f.metadata["flag"],
+            dest=f"serve.{f.name}",
+            type=type(f.default),
+            default=f.default,
+            metavar="MS" if f.name == "wait_ms" else "N",
+            help=f"{f.metadata['help']} [default: {f.default}]",
+        )
     sv.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
     sv.add_argument(
         "--workers",
@@ -325,19 +336,15 @@ def _cmd_serve(args) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("loratag serve needs FastAPI and uvicorn: pip install 'loratag[serve]'") from None
-    from .serve import AdapterPool, ServeSettings, default_workers, parse_runs, run
+    from .labels import LabelSet
+    from .serve import AdapterPool, default_workers, parse_runs, run
 
-    settings = ServeSettings(
-        wait_ms=args.batch_wait_ms,
-        max_batch_texts=args.max_batch_texts,
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes,
-        max_text_chars=args.max_text_chars,
-        batching=not args.no_batching,
-    )
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    pool = AdapterPool(parse_runs(args.runs, args.runs_dir), device=args.device, base=args.base)
+    given = {k[len("serve.") :]: v for k, v in vars(args).items() if k.startswith("serve.")}
+    workers = 1 if args.workers is None else args.workers  # checked here, chosen after the pool has loaded
+    settings = ServeSettings(**given, batching=not args.no_batching, workers=workers)
+    labels = LabelSet.load(args.labels) if args.labels else None
+    runs = parse_runs(args.runs, args.runs_dir)
+    pool = AdapterPool(runs, device=args.device, base=args.base, labels=labels, precision=args.precision)
     settings = dataclasses.replace(settings, workers=args.workers or default_workers(pool))
     run(pool, args.host, args.port, settings)
 

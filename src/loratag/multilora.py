@@ -10,9 +10,13 @@ row's matrices and runs two ``bmm``: the same few ops for any number of adapters
 multi-LoRA LLM servers, which no library offers for encoder classifiers). The base weights stay shared and
 unmerged, so the answer of a row depends only on its own adapter, as in PEFT.
 
-Written by hand for that reason; ``build`` returns None for anything beyond plain LoRA on Linear layers and
-Linear classifier heads (DoRA, LoRA biases, variants, embeddings, convolutions), and callers then keep PEFT's
-own mixed-batch path.
+Adapters trained with bias "all" or "lora_only" change the base model's own biases (Linear and LayerNorm). PEFT
+writes them into the shared base (so it allows one such adapter); here each module whose bias some adapter trained
+holds a stacked ``(adapters, features)`` bias and adds each row's own, the base's weights and biases untouched.
+
+Written by hand for that reason; ``build`` raises Unstackable for anything beyond plain LoRA on Linear layers,
+Linear classifier heads and biases of Linear / LayerNorm modules (DoRA, LoRA's own lora_bias, variants,
+embeddings, convolutions), and callers then keep PEFT's own mixed-batch path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import threading
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+
+class Unstackable(ValueError):
+    """The adapters hold something the stacked path does not cover; the message says what."""
 
 
 class _Rows(threading.local):
@@ -30,17 +39,53 @@ class _Rows(threading.local):
     index: torch.Tensor | None = None
 
 
+def _row_bias(out: torch.Tensor, bias: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out`` (rows, ..., features) plus each row's own bias vector (the bias add the module itself skipped)."""
+    b = bias[idx].to(out.dtype)
+    return out + b.view(b.shape[0], *([1] * (out.dim() - 2)), b.shape[-1])
+
+
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rows: _Rows):
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rows: _Rows, bias: torch.Tensor | None):
         super().__init__()
         self.base, self.rows = base, rows
         self.register_buffer("a", a)  # (adapters, r, in)
         self.register_buffer("b", b)  # (adapters, out, r), scaling folded in
+        self.register_buffer("row_bias", bias)  # (adapters, out) or None: the base's own bias serves every row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.rows.index
         low = torch.bmm(x.to(self.a.dtype), self.a[idx].transpose(1, 2))
-        return self.base(x) + torch.bmm(low, self.b[idx].transpose(1, 2)).to(x.dtype)
+        if self.row_bias is None:
+            out = self.base(x)
+        else:
+            out = _row_bias(F.linear(x, self.base.weight), self.row_bias, idx)
+        return out + torch.bmm(low, self.b[idx].transpose(1, 2)).to(out.dtype)
+
+
+class RowBiasLinear(nn.Module):
+    """A shared Linear whose bias some adapters trained: the shared weight, each row's own bias."""
+
+    def __init__(self, base: nn.Linear, bias: torch.Tensor, rows: _Rows):
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.register_buffer("row_bias", bias)  # (adapters, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _row_bias(F.linear(x, self.base.weight), self.row_bias, self.rows.index)
+
+
+class RowBiasLayerNorm(nn.Module):
+    """A shared LayerNorm whose bias (beta) some adapters trained."""
+
+    def __init__(self, base: nn.LayerNorm, bias: torch.Tensor, rows: _Rows):
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.register_buffer("row_bias", bias)  # (adapters, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return _row_bias(F.layer_norm(x, b.normalized_shape, b.weight, None, b.eps), self.row_bias, self.rows.index)
 
 
 class MultiHead(nn.Module):
@@ -81,15 +126,16 @@ class MultiLoraModel(nn.Module):
             self.rows.index = None
 
 
-def _stack_lora(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _stack_lora(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear):
-        return None
+        raise Unstackable(f"LoRA on a {type(base).__name__}, not a Linear layer")
     for n in names:
-        if n in layer.lora_A and (
-            layer.use_dora.get(n, False) or layer.lora_bias.get(n, False) or n in getattr(layer, "lora_variant", {})
-        ):
-            return None
+        if n in layer.lora_A:
+            if layer.use_dora.get(n, False):
+                raise Unstackable(f"adapter {n!r} uses DoRA")
+            if layer.lora_bias.get(n, False) or n in getattr(layer, "lora_variant", {}):
+                raise Unstackable(f"adapter {n!r} uses a LoRA variant or LoRA's own bias")
     rank = max((layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A), default=1)
     a = torch.zeros(len(names), rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
     b = torch.zeros(len(names), base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
@@ -101,39 +147,63 @@ def _stack_lora(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | 
     return a, b
 
 
-def _stack_head(wrapper, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _stack_head(wrapper, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     heads = [wrapper.modules_to_save[n] if n in wrapper.modules_to_save else wrapper.original_module for n in names]
     if not all(isinstance(h, nn.Linear) for h in heads):
-        return None
+        raise Unstackable("a classifier head that is not one Linear layer")
     weight = torch.stack([h.weight for h in heads])
     bias = torch.stack([h.bias if h.bias is not None else h.weight.new_zeros(h.out_features) for h in heads])
     return weight, bias
 
 
+def _stack_bias(module: nn.Module, name: str, biases: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """``(adapters, features)``: each adapter's trained bias of ``module``, the base's own where it trained none."""
+    own = module.bias if module.bias is not None else module.weight.new_zeros(module.weight.shape[0])
+    rows = []
+    for b in biases:
+        v = b.get(name, own)
+        if v.shape != own.shape:
+            raise Unstackable(f"a bias of shape {tuple(v.shape)} for {name}, whose bias is {tuple(own.shape)}")
+        rows.append(v.to(own.dtype))
+    return torch.stack(rows)
+
+
 @torch.no_grad()
-def build(peft_model, names: list[str]) -> MultiLoraModel | None:
-    """The PEFT model's LoRA layers and heads replaced in place by stacked ones over ``names`` (in that
-    order); None, and the PEFT model untouched, when some layer is not plain LoRA on a Linear."""
+def build(peft_model, names: list[str], biases: list[dict[str, torch.Tensor]] | None = None) -> MultiLoraModel:
+    """The PEFT model's LoRA layers and heads replaced in place by stacked ones over ``names`` (in that order).
+    ``biases``: per adapter (same order), trained biases by module name (bias "all" / "lora_only" adapters),
+    applied per row. Raises Unstackable, the PEFT model untouched, when something is beyond this module."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
+    biases = biases or [{} for _ in names]
     model = peft_model.base_model.model
     rows = _Rows()
-    swaps = []
+    biased = {m for b in biases for m in b}
+    swaps, done = [], set()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            stacked = _stack_lora(module, names)
-            if stacked is None:
-                return None
-            swaps.append((name, MultiLoraLinear(module.get_base_layer(), *stacked, rows)))
+            a, b = _stack_lora(module, names)
+            base = module.get_base_layer()
+            bias = _stack_bias(base, name, biases) if name in biased else None
+            swaps.append((name, MultiLoraLinear(base, a, b, rows, bias)))
+            done.add(name)
         elif isinstance(module, ModulesToSaveWrapper):
-            stacked = _stack_head(module, names)
-            if stacked is None:
-                return None
-            swaps.append((name, MultiHead(*stacked, rows)))
+            swaps.append((name, MultiHead(*_stack_head(module, names), rows)))
         elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):  # other PEFT kinds
-            return None
+            raise Unstackable(f"{name} is a {type(module).__name__}, not plain LoRA")
+        elif name in biased:
+            if type(module) is nn.Linear:
+                swaps.append((name, RowBiasLinear(module, _stack_bias(module, name, biases), rows)))
+            elif type(module) is nn.LayerNorm and module.elementwise_affine:
+                swaps.append((name, RowBiasLayerNorm(module, _stack_bias(module, name, biases), rows)))
+            else:
+                raise Unstackable(f"a trained bias on {name}, a {type(module).__name__}")
+            done.add(name)
+    left = biased - done
+    if left:
+        raise Unstackable(f"trained biases for modules that are not there, e.g. {sorted(left)[0]}")
     for name, new in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)

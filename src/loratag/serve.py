@@ -1,384 +1,189 @@
-"""Serve many adapters on one base model over HTTP (FastAPI + uvicorn, imported only here).
+"""`loratag serve`: the HTTP application (FastAPI + uvicorn, imported only here) over the adapter pool and batcher.
 
-AdapterPool loads every adapter onto one shared base (PEFT ``load_adapter``: each adapter carries its own
-classifier head) and tags mixed-adapter batches with PEFT's per-row ``adapter_names``, through the same
-Tagger path as ``loratag predict``. The Batcher gathers concurrent requests for a few milliseconds into one
-forward pass; a request's answer does not depend on what it was batched with (rows are independent; padding is
-masked).
+The parts, each readable and testable alone: pool.py (one base, many adapters, per-row LoRA and biases),
+batcher.py (requests gathered into shared forward passes on worker threads), asgi.py (body limit, metrics
+middleware), and this module (settings, request and response schemas, routes, limits, running). The settings'
+defaults live in ServeSettings only; the CLI reads its flags and defaults from there.
 """
 
-# No `from __future__ import annotations` here: FastAPI must see the request model classes defined inside
-# create_app as real annotations, not strings it would look up in the module.
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 import asyncio
-import concurrent.futures
 import contextlib
-import copy
 import json
 import logging
 import os
-import queue
-import re
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from . import multilora
-from .config import FORMAT, Config
-from .inference import TaggedDocument, Tagger
-from .labels import LabelSet
-from .modeling import device_of, load_adapter, load_tokenizer, resolve_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+from .asgi import BodyLimit, Observe
+from .batcher import Batcher, QueueFull
+from .config import ServeSettings, serve_fields  # noqa: F401  (defaults: one place)
+from .pool import AdapterPool, parse_runs  # noqa: F401  (the serving API in one place)
+from .text import count_words
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-@dataclass
-class Adapter:
+def bad_unicode(text: str) -> int | None:
+    """The position of the first character that is not valid Unicode text (a lone surrogate such as \\ud800,
+    which JSON allows and UTF-8 cannot encode; the tokenizer fails on it), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+TEXT_FORMAT = "unicode-text"  # a schema annotation (any text a JSON string carries); the fuzz test generates it
+UnicodeText = Annotated[str, WithJsonSchema({"type": "string", "format": TEXT_FORMAT})]
+
+
+class TagRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(description="adapter name, as listed by GET /v1/adapters")
+    text: UnicodeText | None = Field(None, description="one text to tag")
+    texts: list[UnicodeText] | None = Field(None, description="several texts (at most --max-texts)")
+
+    @field_validator("text")
+    @classmethod
+    def text_is_unicode(cls, v):
+        if v is not None and (pos := bad_unicode(v)) is not None:
+            raise ValueError(f"not valid Unicode text: a lone surrogate at character {pos}")
+        return v
+
+    @field_validator("texts")
+    @classmethod
+    def texts_are_unicode(cls, v):
+        for i, t in enumerate(v or []):
+            if (pos := bad_unicode(t)) is not None:
+                raise ValueError(f"text {i} is not valid Unicode text: a lone surrogate at character {pos}")
+        return v
+
+    @model_validator(mode="after")
+    def one_of(self):
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' or 'texts'")
+        return self
+
+
+class EntityOut(BaseModel):
+    text: str
+    label: str
+    start: int = Field(description="character offset into the text (inclusive)")
+    end: int = Field(description="character offset into the text (exclusive)")
+    score: float
+
+
+class DocumentOut(BaseModel):
+    text: str
+    entities: list[EntityOut]
+
+
+class TagResponse(BaseModel):
+    adapter: str
+    results: list[DocumentOut]
+
+
+class AdapterOut(BaseModel):
     name: str
-    run: Path
-    labels: LabelSet
-    metrics: dict = field(default_factory=dict)
+    labels: list[str]
+    bias: str = Field(description="which biases the adapter trained: none, all or lora_only")
+    metrics: dict
 
 
-def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Path, str]]:
-    """``RUN`` or ``RUN:NAME`` arguments (and every run in ``runs_dir``) -> (path, adapter name)."""
-    out = []
-    if runs_dir is not None:
-        if not runs_dir.is_dir():
-            raise FileNotFoundError(f"--runs-dir {runs_dir} is not a directory")
-        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / "adapter").is_dir()]
-        if not out:
-            raise FileNotFoundError(f"--runs-dir {runs_dir}: no run directories (with adapter/) inside")
-    for spec in specs:
-        path, _, name = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
-        out.append((Path(path), name or Path(path).name))
-    if not out:
-        raise ValueError("name at least one run directory to serve (or --runs-dir)")
-    return out
+class AdaptersResponse(BaseModel):
+    adapters: list[AdapterOut]
 
 
-def _check_run(path: Path, name: str) -> tuple[Config, LabelSet, dict]:
-    if not NAME.match(name):
-        raise ValueError(f"{path}: adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file() or json.loads(cfg_path.read_text()).get("format") != FORMAT:
-        raise FileNotFoundError(f"{path}: not a loratag run directory (no config.json of format {FORMAT})")
-    adapter = path / "adapter"
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: no adapter/adapter_model.safetensors (only safetensors adapters are served)")
-    acfg = json.loads((adapter / "adapter_config.json").read_text())
-    if acfg.get("bias", "none") != "none":
-        raise ValueError(
-            f"{path}: trained with bias={acfg['bias']!r}; only bias='none' adapters can share a base model "
-            "(trained biases change the base for every adapter). Retrain with --bias none."
+class Metrics:
+    """The Prometheus series of one app (a registry of its own, so several apps in one process don't clash)."""
+
+    KNOWN_PATHS = {"/v1/tag", "/v1/adapters", "/healthz", "/metrics", "/"}
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("loratag_requests", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "loratag_request_seconds",
+            "request latency",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-    metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    summary = {k: metrics["test"][k] for k in ("precision", "recall", "f1")} if "test" in metrics else {}
-    return Config.load(cfg_path), LabelSet.load(path / "labels.json"), summary
-
-
-class AdapterPool:
-    """One base model, N adapters; refuses at start what cannot share the base, naming the run and why."""
-
-    def __init__(
-        self, runs: list[tuple[Path, str]], device: str | None = None, batch_size: int = 64, base: str | None = None
-    ):
-        """``base``: one base model for every adapter, instead of the one each run names."""
-        self.adapters: dict[str, Adapter] = {}
-        base_name, first = None, None
-        for path, name in runs:
-            cfg, labels, metrics = _check_run(path, name)
-            if name in self.adapters:
-                raise ValueError(f"{path}: adapter name {name!r} is used twice; name it with RUN:NAME")
-            resolved = resolve_model(base or cfg.model)
-            if base_name is None:
-                base_name, first = resolved, (path, labels)
-            elif resolved != base_name:
-                raise ValueError(f"{path}: base model {cfg.model!r} differs from {first[0]}'s; one server, one base")
-            elif len(labels) != len(first[1]):
-                raise ValueError(
-                    f"{path}: {len(labels)} labels but {first[0]} has {len(first[1])}; adapters in one server "
-                    "need the same number of labels"
-                )
-            self.adapters[name] = Adapter(name, path, labels, metrics)
-        names = list(self.adapters)
-        first_adapter = self.adapters[names[0]]
-        model = load_adapter(first_adapter.run / "adapter", first_adapter.labels, base_name, adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(self.adapters[name].run / "adapter"), adapter_name=name, is_trainable=False)
-        model = model.to(device_of(device)).eval()
-        # Stacked adapters (multilora.py): a mixed batch costs what a one-adapter batch costs; PEFT's own
-        # per-adapter loop stays for what that does not cover (DoRA, LoRA on embeddings, ...).
-        stacked = multilora.build(model, names)
-        if stacked is None:
-            log.info("adapters are not all plain LoRA on Linear layers: PEFT's mixed-batch path is used")
-        self.stacked = stacked is not None
-        if stacked is not None:
-            model = stacked
-        self.tagger = Tagger(
-            model, load_tokenizer(base_name), first_adapter.labels, batch_size=batch_size, device=device_of(device)
+        self.batch_texts = Histogram(
+            "loratag_batch_texts",
+            "texts per forward batch",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        self._local = threading.local()
-        # PEFT's own mixed-batch path adds hooks to shared modules: one call at a time there
-        self._serial = contextlib.nullcontext() if self.stacked else threading.Lock()
-        log.info("serving %d adapter(s) on %s: %s", len(names), base_name, ", ".join(names))
+        self.errors = Counter("loratag_errors", "requests answered with an error", ["status"], registry=self.registry)
 
-    def _thread_tagger(self) -> Tagger:
-        """Worker threads share the model but each gets its own tokenizer: a fast tokenizer's Rust state is
-        not safe to use from two threads at once ("Already borrowed")."""
-        tagger = getattr(self._local, "tagger", None)
-        if tagger is None:
-            tagger = copy.copy(self.tagger)
-            tagger.tokenizer = copy.deepcopy(self.tagger.tokenizer)
-            self._local.tagger = tagger
-        return tagger
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        path = path if path in self.KNOWN_PATHS else "other"
+        self.requests.labels(path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+        if status >= 400:
+            self.errors.labels(str(status)).inc()
 
-    def tag(self, adapters: list[str], texts: list[str]) -> list[TaggedDocument]:
-        """One forward pass (in sorted batches) over texts of any adapters; threads may call it side by side
-        (PEFT's own mixed-batch path then runs one call at a time)."""
-        label_sets = [self.adapters[a].labels for a in adapters]
-        with self._serial:
-            return self._thread_tagger().tag_documents(texts, adapters=adapters, label_sets=label_sets)
+    def text(self) -> str:
+        from prometheus_client import generate_latest
 
-
-class QueueFull(Exception):
-    pass
-
-
-class Batcher:
-    """Gathers concurrent requests for up to ``wait_ms`` (or ``max_texts`` texts) into one forward pass.
-
-    ``workers`` threads own the model (shared, read-only); one of them at a time gathers a batch from the
-    queue while the others run theirs, so a batch forms while the previous one computes. Requests wait on
-    futures, so the event loop keeps answering (health, metrics, errors) while batches run, and no event
-    loop has to be the one the batcher started in. ``batching=False``: one request per forward pass (for
-    comparison; the workers stay).
-    """
-
-    def __init__(
-        self,
-        pool: AdapterPool,
-        wait_ms: float = 5.0,
-        max_texts: int = 256,
-        max_queue: int = 1024,
-        batching: bool = True,
-        on_batch=None,
-        workers: int = 1,
-    ):
-        self.pool, self.wait, self.max_texts, self.max_queue = pool, wait_ms / 1000, max_texts, max_queue
-        self.batching = batching
-        self.on_batch = on_batch or (lambda n: None)
-        self.queue: queue.Queue = queue.Queue()
-        self.gathering = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._run, name=f"loratag-worker-{i}", daemon=True) for i in range(max(1, workers))
-        ]
-        for t in self.threads:
-            t.start()
-
-    async def submit(self, adapter: str, texts: list[str]) -> list[TaggedDocument]:
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.queue.put((adapter, texts, fut))
-        return await asyncio.wrap_future(fut)
-
-    def _take(self) -> list:
-        with self.gathering:  # one gatherer at a time: two would split one burst into two small batches
-            taken = [self.queue.get()]
-            n = len(taken[0][1])
-            if not self.batching:
-                return taken
-            deadline = time.monotonic() + self.wait
-            while n < self.max_texts:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                taken.append(item)
-                n += len(item[1])
-            return taken
-
-    def _run(self) -> None:
-        while True:
-            taken = self._take()
-            adapters = [a for a, texts, _ in taken for _ in texts]
-            texts = [t for _, ts, _ in taken for t in ts]
-            self.on_batch(len(texts))
-            try:
-                docs = self.pool.tag(adapters, texts)
-            except Exception as e:  # one bad batch must not stop the server: its requests get the error
-                log.exception("batch failed")
-                for _, _, fut in taken:
-                    fut.set_exception(e)
-                continue
-            i = 0
-            for _, ts, fut in taken:
-                fut.set_result(docs[i : i + len(ts)])
-                i += len(ts)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``limit`` bytes, declared or streamed."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            return await self.app(scope, limited, send)
-        except _TooLarge:
-            return await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class Observe:
-    """ASGI middleware: reports each HTTP request's path, status and seconds (the 413s of BodyLimit too).
-    Plain ASGI rather than FastAPI's ``@app.middleware``, which wraps every request in extra tasks and
-    streams."""
-
-    def __init__(self, app, report):
-        self.app, self.report = app, report
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def sending(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            self.report(scope["path"], status, time.perf_counter() - start)
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    wait_ms: float = 5.0
-    max_batch_texts: int = 256
-    max_queue: int = 1024
-    max_body_bytes: int = 1 << 20
-    max_text_chars: int = 100_000
-    max_texts: int = 256
-    batching: bool = True
-    workers: int = 1
+        return generate_latest(self.registry).decode()
 
 
 def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
-    """The FastAPI application (tests call it in-process)."""
-    from fastapi import FastAPI, HTTPException
+    """The ASGI application, wrapped in its middlewares, and the FastAPI app inside (tests call it in-process).
+    The worker threads start with the first request and stop when the app shuts down (ASGI lifespan)."""
+    from fastapi import FastAPI, HTTPException, Response
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-    registry = CollectorRegistry()
-    requests = Counter("loratag_requests", "HTTP requests", ["path", "status"], registry=registry)
-    latency = Histogram(
-        "loratag_request_seconds",
-        "request latency",
-        ["path"],
-        registry=registry,
-        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    )
-    batch_sizes = Histogram(
-        "loratag_batch_texts", "texts per forward batch", registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
-    )
-    errors = Counter("loratag_errors", "requests answered with an error", ["status"], registry=registry)
+    metrics = Metrics()
     batcher = Batcher(
-        pool,
+        lambda adapters, texts: pool.tag(adapters, texts),  # looked up per batch: tests replace pool.tag
         settings.wait_ms if settings.batching else 0,
         settings.max_batch_texts,
         settings.max_queue,
         settings.batching,
-        on_batch=batch_sizes.observe,
+        on_batch=metrics.batch_texts.observe,
         workers=settings.workers,
     )
 
-    class TagRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        adapter: str = Field(description="adapter name, as listed by GET /v1/adapters")
-        text: str | None = Field(None, description="one text to tag")
-        texts: list[str] | None = Field(None, description=f"several texts (at most {settings.max_texts})")
-
-        @model_validator(mode="after")
-        def one_of(self):
-            if (self.text is None) == (self.texts is None):
-                raise ValueError("give exactly one of 'text' or 'texts'")
-            if self.texts is not None and not 1 <= len(self.texts) <= settings.max_texts:
-                raise ValueError(f"'texts' must hold 1 to {settings.max_texts} texts")
-            return self
-
-    class EntityOut(BaseModel):
-        text: str
-        label: str
-        start: int = Field(description="character offset into the text (inclusive)")
-        end: int = Field(description="character offset into the text (exclusive)")
-        score: float
-
-    class DocumentOut(BaseModel):
-        text: str
-        entities: list[EntityOut]
-
-    class TagResponse(BaseModel):
-        adapter: str
-        results: list[DocumentOut]
-
-    class AdapterOut(BaseModel):
-        name: str
-        labels: list[str]
-        metrics: dict
-
-    class AdaptersResponse(BaseModel):
-        adapters: list[AdapterOut]
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(batcher.close)
 
     app = FastAPI(
         title="loratag",
         version="v1",
         description="Token classification (NER) with many LoRA adapters on one base model.",
+        lifespan=lifespan,
     )
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        # FastAPI's own handler echoes the input as UTF-8 JSON and fails (500) on the lone surrogate it refuses;
+        # ASCII-escaped JSON carries any string
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
+
+    def invalid(field: str, msg: str):
+        return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
     @app.post(
         "/v1/tag",
         response_model=TagResponse,
         responses={
             404: {"description": "unknown adapter"},
-            413: {"description": "body or text too large"},
+            413: {"description": "body, text or request too large (bytes, characters, words)"},
+            422: {"description": "malformed request; the detail names the field"},
             503: {"description": "queue full; retry after the Retry-After seconds"},
         },
     )
@@ -387,9 +192,16 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
         if req.adapter not in pool.adapters:
             raise HTTPException(404, f"unknown adapter {req.adapter!r}; known: {', '.join(pool.adapters)}")
         texts = [req.text] if req.text is not None else req.texts
+        if req.texts is not None and not 1 <= len(texts) <= settings.max_texts:
+            raise invalid("texts", f"'texts' must hold 1 to {settings.max_texts} texts")
         for i, t in enumerate(texts):
             if len(t) > settings.max_text_chars:
-                raise HTTPException(413, f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars}")
+                raise HTTPException(
+                    413, f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars} (--max-text-chars)"
+                )
+        words = await asyncio.to_thread(lambda: sum(count_words(t) for t in texts))
+        if words > settings.max_words:
+            raise HTTPException(413, f"{words} words in this request; the limit is {settings.max_words} (--max-words)")
         try:
             docs = await batcher.submit(req.adapter, texts)
         except QueueFull:
@@ -400,10 +212,11 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
 
     @app.get("/v1/adapters", response_model=AdaptersResponse)
     async def adapters():
-        """The adapters this server holds, their labels and their test metrics."""
+        """The adapters this server holds, their labels, which biases they trained, and their test metrics."""
         return {
             "adapters": [
-                {"name": a.name, "labels": list(a.labels.labels), "metrics": a.metrics} for a in pool.adapters.values()
+                {"name": a.name, "labels": list(a.labels.labels), "bias": a.bias, "metrics": a.metrics}
+                for a in pool.adapters.values()
             ]
         }
 
@@ -412,24 +225,16 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
         return {"status": "ok", "adapters": len(pool.adapters)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
+    async def prometheus():
         """Prometheus text format: requests, latency, batch sizes, errors."""
-        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
-    known_paths = {"/v1/tag", "/v1/adapters", "/healthz", "/metrics", "/"}
-
-    def observe(path: str, status: int, seconds: float) -> None:
-        path = path if path in known_paths else "other"
-        requests.labels(path, str(status)).inc()
-        latency.labels(path).observe(seconds)
-        if status >= 400:
-            errors.labels(str(status)).inc()
-
-    return Observe(BodyLimit(app, settings.max_body_bytes), observe), app
+    wrapped = Observe(BodyLimit(app, settings.max_body_bytes, settings.drain_body_bytes), metrics.observe)
+    return wrapped, app
 
 
 def cpu_cores() -> int:

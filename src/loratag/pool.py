@@ -1,0 +1,217 @@
+"""The adapter pool of `loratag serve`: one base model, many adapters, each row of a batch run with its own.
+
+Adapters with trained biases (bias "all" or "lora_only", the guide's setting) share the base too: PEFT would write
+their biases into the base model in place (so it allows one such adapter), but here each adapter's bias values are
+kept apart and applied per row by multilora.py; the base's own biases are never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import multilora
+from .inference import TaggedDocument, Tagger, known_labels, locate
+from .labels import LabelSet
+from .modeling import adapter_base, device_of, head_size, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HEAD = ("classifier", "score")
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    labels: LabelSet
+    metrics: dict = field(default_factory=dict)
+    bias: str = "none"
+    adapter_dir: Path | None = None
+
+
+def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Path, str]]:
+    """``RUN`` or ``RUN:NAME`` arguments (and every run in ``runs_dir``) -> (path, adapter name)."""
+    out = []
+    if runs_dir is not None:
+        if not runs_dir.is_dir():
+            raise FileNotFoundError(f"--runs-dir {runs_dir} is not a directory")
+        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / "adapter").is_dir()]
+        if not out:
+            raise FileNotFoundError(f"--runs-dir {runs_dir}: no run directories (with adapter/) inside")
+    for spec in specs:
+        path, _, name = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+        out.append((Path(path), name or Path(path).name))
+    if not out:
+        raise ValueError("name at least one run directory to serve (or --runs-dir)")
+    return out
+
+
+def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) -> tuple[Adapter, str]:
+    """The adapter of a loratag run or a plain PEFT adapter folder, and the base model it needs."""
+    if not NAME.match(name):
+        raise ValueError(f"{path}: adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    adapter_dir, cfg = locate(path)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (only safetensors adapters are served)")
+    own = known_labels(path)
+    labels = own or labels
+    if labels is None:
+        raise ValueError(f"{path}: the adapter does not say its label order; pass --labels label.json")
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: a {acfg.get('peft_type')} adapter; only LoRA adapters are served")
+    metrics = {}
+    if cfg is not None and (path / "metrics.json").is_file():
+        m = json.loads((path / "metrics.json").read_text())
+        metrics = {k: m["test"][k] for k in ("precision", "recall", "f1")} if "test" in m else {}
+    n = head_size(adapter_dir)
+    if n != len(labels):
+        raise ValueError(f"{path}: the classifier head has {n} classes but the label set has {len(labels)}")
+    needed = base or (cfg.model if cfg is not None else adapter_base(adapter_dir))
+    adapter = Adapter(name, path, labels, metrics, acfg.get("bias", "none"), adapter_dir)
+    return adapter, resolve_model(needed)
+
+
+def split_biases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An adapter file's tensors -> (what PEFT loads: LoRA matrices and the head; the trained biases of the
+    base's modules, by module name). PEFT saves bias "all" / "lora_only" biases under the base model's own names
+    (``base_model.model.bert...query.base_layer.bias``); loaded by PEFT they would overwrite the shared base."""
+    peft, biases = {}, {}
+    for key, value in state.items():
+        name = key.removeprefix("base_model.model.")
+        in_head = name.split(".")[0] in HEAD
+        if in_head and (".modules_to_save." in name or ".original_module." in name):
+            continue  # copies that bias "all" saves beside the head's own bias; PEFT ignores them on load too
+        if key.endswith(".bias") and "lora_" not in key and not in_head:
+            biases[name.removesuffix(".bias").replace(".base_layer", "")] = value
+        else:
+            peft[key] = value
+    return peft, biases
+
+
+def load_shared(adapters: list[Adapter], base_path: str):
+    """One PEFT model holding every adapter's LoRA matrices and head (loaded as bias "none"), and each adapter's
+    trained biases apart (in the adapters' order)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification
+
+    from .modeling import _from_pretrained
+
+    first = adapters[0]
+    kw = {"num_labels": len(first.labels), "id2label": first.labels.id2label, "label2id": first.labels.label2id}
+    base = _from_pretrained(
+        AutoModelForTokenClassification.from_pretrained, base_path, ignore_mismatched_sizes=True, **kw
+    )
+    model, biases = None, []
+    for a in adapters:
+        cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
+        cfg.bias, cfg.inference_mode = "none", True  # its biases are applied per row, not written into the base
+        peft_state, own = split_biases(load_file(a.adapter_dir / "adapter_model.safetensors"))
+        if model is None:
+            model = get_peft_model(base, cfg, adapter_name=a.name)
+        else:
+            model.add_adapter(a.name, cfg)
+        result = set_peft_model_state_dict(model, peft_state, adapter_name=a.name)
+        mine = (f"lora_A.{a.name}.", f"lora_B.{a.name}.", f"modules_to_save.{a.name}.")
+        missing = [k for k in result.missing_keys if any(m in k for m in mine)]
+        if missing:
+            raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
+        modules = dict(model.base_model.model.named_modules())
+        unknown = [m for m in own if m not in modules]
+        if unknown:
+            raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
+        biases.append(own)
+    return model.eval(), biases
+
+
+class AdapterPool:
+    """One base model, N adapters; refuses at start what cannot share the base, naming the run and why."""
+
+    def __init__(
+        self,
+        runs: list[tuple[Path, str]],
+        device: str | None = None,
+        batch_size: int = 64,
+        base: str | None = None,
+        labels: LabelSet | None = None,
+        precision: str = "auto",
+    ):
+        """``base``: one base model for every adapter, instead of the one each names. ``labels``: the label order of
+        plain PEFT adapters that carry none."""
+        self.adapters: dict[str, Adapter] = {}
+        base_name = None
+        for path, name in runs:
+            adapter, needed = _describe(Path(path), name, labels, base)
+            if name in self.adapters:
+                raise ValueError(f"{path}: adapter name {name!r} is used twice; name it with RUN:NAME")
+            first = next(iter(self.adapters.values()), None)
+            if first is None:
+                base_name = needed
+            elif needed != base_name:
+                raise ValueError(f"{path}: base model {needed!r} differs from {first.run}'s; one server, one base")
+            elif len(adapter.labels) != len(first.labels):
+                raise ValueError(
+                    f"{path}: {len(adapter.labels)} labels but {first.run} has {len(first.labels)}; adapters in one "
+                    "server need the same number of labels"
+                )
+            self.adapters[name] = adapter
+        names = list(self.adapters)
+        model, biases = load_shared(list(self.adapters.values()), base_name)
+        model = model.to(device_of(device))
+        biases = [{k: v.to(device_of(device)) for k, v in b.items()} for b in biases]
+        # Stacked adapters (multilora.py): a mixed batch costs what a one-adapter batch costs, and each row gets
+        # its own biases. PEFT's own per-adapter loop stays for what that does not cover (DoRA, LoRA on
+        # embeddings, ...), but it has no per-adapter biases: adapters with trained biases need the stacked path.
+        try:
+            model = multilora.build(model, names, biases)
+            self.stacked = True
+        except multilora.Unstackable as e:
+            trained = [a for a, b in zip(self.adapters.values(), biases) if b]
+            if trained:
+                raise ValueError(
+                    f"{trained[0].run}: trained with bias={trained[0].bias!r}, served only with per-row biases, "
+                    f"which cannot be applied here: {e}"
+                ) from None
+            log.info("adapters are not all plain LoRA on Linear layers (%s): PEFT's mixed-batch path is used", e)
+            self.stacked = False
+        first = self.adapters[names[0]]
+        self.tagger = Tagger(
+            model,
+            load_tokenizer(base_name),
+            first.labels,
+            batch_size=batch_size,
+            device=device_of(device),
+            precision=precision,
+        )
+        self._local = threading.local()
+        # PEFT's own mixed-batch path adds hooks to shared modules: one call at a time there
+        self._serial = contextlib.nullcontext() if self.stacked else threading.Lock()
+        kinds = ", ".join(f"{a.name} (bias {a.bias})" for a in self.adapters.values())
+        log.info("serving %d adapter(s) on %s: %s", len(names), base_name, kinds)
+
+    def _thread_tagger(self) -> Tagger:
+        """Worker threads share the model but each gets its own tokenizer: a fast tokenizer's Rust state is
+        not safe to use from two threads at once ("Already borrowed")."""
+        tagger = getattr(self._local, "tagger", None)
+        if tagger is None:
+            tagger = copy.copy(self.tagger)
+            tagger.tokenizer = copy.deepcopy(self.tagger.tokenizer)
+            self._local.tagger = tagger
+        return tagger
+
+    def tag(self, adapters: list[str], texts: list[str]) -> list[TaggedDocument]:
+        """One forward pass (in sorted batches) over texts of any adapters; threads may call it side by side
+        (PEFT's own mixed-batch path then runs one call at a time)."""
+        label_sets = [self.adapters[a].labels for a in adapters]
+        with self._serial:
+            return self._thread_tagger().tag_documents(texts, adapters=adapters, label_sets=label_sets)
