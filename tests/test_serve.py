@@ -222,8 +222,14 @@ def test_concurrent_mixed_adapter_requests_answer_as_alone(server, runs):
 @pytest.fixture
 def api_schema(pool):
     schemathesis = pytest.importorskip("schemathesis")
+    from schemathesis.generation import GenerationMode
+
     app, _ = create_app(pool, ServeSettings(max_text_chars=2000))
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    # schema-valid bodies only: schemathesis's negative mode checks its mutations with jsonschema_rs, which cannot
+    # take the lone surrogates of the text strategy below (malformed bodies: test_bad_requests)
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE])
+    return schema
 
 
 try:

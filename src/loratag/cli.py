@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   loratag evaluate runs/bionlp --data ../shared/data/bionlp2004 --split test
   loratag predict runs/bionlp --text "IL-2 gene expression requires NF-kappa B."
   loratag predict runs/bionlp --input abstracts.jsonl --output entities.jsonl
+  loratag predict runs/bionlp --input 'pubmed/*.jsonl.gz' --output tagged/       # sharded, resumable
+  loratag predict runs/bionlp --input pubmed/ --output tagged/ --engine ray --ray-address auto
   loratag export runs/bionlp --out models/bionlp-merged                     # for transformers.pipeline
   loratag params --model roberta-large --bias all
 """
@@ -139,11 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="one text to tag")
     src.add_argument(
         "--input",
-        type=Path,
         help="a folder of .txt files (one document each), .jsonl with a 'text' field, .conll/.tsv pre-split "
-        "words, or plain text with one document per line",
+        "words, or plain text with one document per line (.gz too); with --output FOLDER: a folder or glob of "
+        "shards, each read as one such file",
     )
-    pr.add_argument("--output", type=Path, help="write .jsonl (one document per line, in input order) or .conll")
+    pr.add_argument(
+        "--output",
+        type=Path,
+        help="write .jsonl (one document per line, in input order) or .conll; a folder (no extension): one output "
+        "shard per input shard, written atomically, and a manifest.jsonl, so that a rerun after a crash skips "
+        "the finished shards",
+    )
+    pr.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="for sharded prediction: this process, or a Ray cluster (pip install 'loratag[ray]') [default: local]",
+    )
+    pr.add_argument("--actors", type=int, default=1, help="--engine ray: model-holding actors [default: 1]")
+    pr.add_argument("--ray-address", help="--engine ray: the cluster (auto, ray://host:10001) [default: a local one]")
     pr.add_argument("--words", action="store_true", help="print each word with its label instead of entities")
     pr.add_argument("--labels", type=Path, help="label.json for adapters saved without labels")
     pr.add_argument("--base", help=BASE_HELP)
@@ -279,25 +295,44 @@ def _cmd_evaluate(args) -> None:
     print(json.dumps(result))
 
 
+def _sharded(args) -> bool:
+    """Sharded prediction: --output is a folder (exists as one, or has no extension) and --input is given."""
+    if args.output is None or args.input is None:
+        return False
+    return args.output.is_dir() or not args.output.suffix
+
+
 def _cmd_predict(args) -> None:
-    from .inference import Tagger
     from .labels import LabelSet
-    from .predict import predict, read_texts
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    texts = [args.text] if args.text is not None else read_texts(args.input)
+    if args.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {args.actors}")
     labels = LabelSet.load(args.labels) if args.labels else None
-    tagger = Tagger.load(
-        args.run,
-        labels=labels,
-        device=args.device,
-        merge=not args.no_merge,
-        quantize=args.quantize,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        base=args.base,
-    )
+    load_kw = {
+        "path": args.run,
+        "labels": labels,
+        "device": args.device,
+        "merge": not args.no_merge,
+        "quantize": args.quantize,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "base": args.base,
+    }
+    if _sharded(args):
+        from .shards import predict_shards
+
+        summary = predict_shards(load_kw, args.input, args.output, args.engine, args.actors, args.ray_address)
+        print(json.dumps(summary))
+        return
+    if args.engine != "local":
+        raise ValueError("--engine ray tags shards: give --input (a folder or glob) and --output FOLDER")
+    from .inference import Tagger
+    from .predict import predict, read_texts
+
+    texts = [args.text] if args.text is not None else read_texts(Path(args.input))
+    tagger = Tagger.load(**load_kw)
     n = predict(tagger, texts, args.output, words=args.words, progress=args.output is not None)
     if args.output is not None:
         print(f"{n} documents -> {args.output}", file=sys.stderr)

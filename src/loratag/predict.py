@@ -14,9 +14,32 @@ CONLL = (".conll", ".tsv")  # pre-split words; unlike training data, .txt here i
 COLOURS = ["31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96"]
 
 
+def _suffix(path: Path) -> str:
+    """The format's extension, under a ``.gz``: ``a.jsonl.gz`` -> ``.jsonl``."""
+    return Path(path.name[: -len(".gz")]).suffix if path.name.endswith(".gz") else path.suffix
+
+
+def _file_text(path: Path) -> str:
+    """A UTF-8 file's text, gunzipped if it ends in .gz; errors name file:line."""
+    if not path.name.endswith(".gz"):
+        return read_text(path)
+    import gzip
+
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a gzip file ({e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+
+
 def read_texts(path: Path) -> list[str] | list[list[str]]:
     """Documents of an input: a folder of .txt files (one document each), JSON Lines with a "text" field,
-    CoNLL (pre-split words: a list of word lists is returned), or plain text with one document per line."""
+    CoNLL (pre-split words: a list of word lists is returned), or plain text with one document per line;
+    files may be gzipped (``.jsonl.gz`` ...)."""
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
@@ -24,10 +47,10 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
         return [read_text(p) for p in files]
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix in CONLL:
-        return _conll_words(path)
-    text = read_text(path)
-    if path.suffix in JSONL_EXT:
+    text = _file_text(path)
+    if _suffix(path) in CONLL:
+        return _conll_words(text)
+    if _suffix(path) in JSONL_EXT:
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -43,10 +66,10 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
     return text.splitlines()
 
 
-def _conll_words(path: Path) -> list[list[str]]:
-    """Words (first column) of a CoNLL file, one list per sentence; tags, if any, are ignored."""
+def _conll_words(text: str) -> list[list[str]]:
+    """Words (first column) of a CoNLL text, one list per sentence; tags, if any, are ignored."""
     out, cur = [], []
-    for line in [*read_text(path).splitlines(), ""]:
+    for line in [*text.splitlines(), ""]:
         cols = line.split()
         if not cols:
             if cur:
@@ -109,17 +132,39 @@ def show(docs: list[TaggedDocument], types: list[str], words: bool, out=None) ->
         out.write("\n")
 
 
+def tag(tagger: Tagger, texts: list, progress: bool = False) -> list[TaggedDocument]:
+    """Tagged documents of strings (raw text) or word lists (CoNLL input)."""
+    if texts and isinstance(texts[0], list):
+        return tag_pre_split(tagger, texts, progress)
+    return tagger.tag_documents(texts, progress)
+
+
+def render(docs: list[TaggedDocument], conll: bool) -> bytes:
+    """The output file's bytes: JSON Lines, or CoNLL word/label columns."""
+    import io
+
+    buf = io.StringIO()
+    (write_conll if conll else write_jsonl)(docs, buf)
+    return buf.getvalue().encode("utf-8")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """A kill at any moment leaves no file or the whole file, never a part."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def predict(tagger: Tagger, texts: list, output: Path | None, words: bool, progress: bool) -> int:
     """Tag documents (strings, or word lists from CoNLL) and write them; returns the number of documents."""
-    if texts and isinstance(texts[0], list):
-        docs = tag_pre_split(tagger, texts, progress)
-    else:
-        docs = tagger.tag_documents(texts, progress)
+    docs = tag(tagger, texts, progress)
     if output is None:
         show(docs, tagger.labels.types, words)
         return len(docs)
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        (write_jsonl if output.suffix in JSONL_EXT else write_conll)(docs, f)
-    tmp.replace(output)
+    write_atomic(output, render(docs, conll=output.suffix not in JSONL_EXT))
     return len(docs)

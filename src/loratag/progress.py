@@ -29,14 +29,15 @@ class _Lines(io.TextIOBase):
         self.stream.flush()
 
 
-def bar(total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0, stream=None) -> tqdm:
+def bar(total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0, stream=None, **kw) -> tqdm:
     """A tqdm bar on stderr. On a terminal it redraws in place and disappears when done; elsewhere (CI, nohup, a
-    log file) it writes a plain line at most every ``LOG_INTERVAL_S`` seconds and a last line when it closes."""
+    log file) it writes a plain line at most every ``LOG_INTERVAL_S`` seconds and a last line when it closes.
+    ``kw``: more tqdm options (``unit_scale`` ...)."""
     stream = stream or sys.stderr
     if not enabled:
         return tqdm(total=total, disable=True)
     if getattr(stream, "isatty", lambda: False)():
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, file=stream)
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, file=stream, **kw)
     return tqdm(
         total=total,
         desc=desc,
@@ -48,4 +49,5 @@ def bar(total: int | None, desc: str, unit: str, enabled: bool = True, initial: 
         maxinterval=LOG_INTERVAL_S * 4,
         ncols=100,
         ascii=True,
+        **kw,
     )
