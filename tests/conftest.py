@@ -146,3 +146,28 @@ def tiny_bert_nodrop(tmp_path_factory, tiny_bert) -> Path:
     cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
     cfg.save_pretrained(d)
     return d
+
+
+def guide_adapter(base_dir: Path, out: Path, seed: int = 0, base_name: str | None = None) -> Path:
+    """An adapter as the PEFT guide's code trains and saves it: bias "all", no label file beside it, trained-looking
+    weights (random LoRA matrices, every bias moved). ``base_name`` rewrites its base_model_name_or_path, as people
+    do (a training path is machine-local)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForTokenClassification
+
+    label2id = json.loads((RESOURCES / "tiny/label.json").read_text())
+    torch.manual_seed(seed)
+    base = AutoModelForTokenClassification.from_pretrained(
+        base_dir, num_labels=len(label2id), id2label={v: k for k, v in label2id.items()}, label2id=label2id
+    )
+    lora = LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, bias="all", init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.5)  # so that losing or misplacing a bias would show
+    model.save_pretrained(out)
+    if base_name is not None:
+        p = out / "adapter_config.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "base_model_name_or_path": base_name}))
+    return out

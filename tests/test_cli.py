@@ -6,7 +6,7 @@ import torch
 
 from loratag.cli import main
 
-from .conftest import RESOURCES
+from .conftest import RESOURCES, guide_adapter
 
 ROBERTA_LARGE = {  # config.json of roberta-large: enough to count parameters on the meta device
     "architectures": ["RobertaForMaskedLM"],
@@ -176,34 +176,10 @@ def test_serve_refuses_zero_workers_in_one_line(capsys, tmp_path):
     assert code == 2 and err.strip() == "loratag serve: error: --workers must be at least 1, got 0"
 
 
-def _guide_adapter(tiny_bert, out: Path, base_name: str | None = None) -> Path:
-    """An adapter as the PEFT guide's code saves it: bias all, no label file; ``base_name`` rewrites its
-    base_model_name_or_path (people do: a training path is machine-local)."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForTokenClassification
-
-    label2id = json.loads((RESOURCES / "tiny/label.json").read_text())
-    torch.manual_seed(1)
-    base = AutoModelForTokenClassification.from_pretrained(
-        tiny_bert, num_labels=7, id2label={v: k for k, v in label2id.items()}, label2id=label2id
-    )
-    cfg = LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, bias="all", init_lora_weights=False)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():  # a head that prefers entity labels, so that a wrong label order shows in the score
-        model.base_model.model.classifier.modules_to_save["default"].bias.copy_(torch.linspace(0, 2, 7))
-    model.save_pretrained(out)
-    if base_name is not None:
-        p = out / "adapter_config.json"
-        acfg = json.loads(p.read_text())
-        acfg["base_model_name_or_path"] = base_name
-        p.write_text(json.dumps(acfg))
-    return out
-
-
 def test_plain_adapter_without_labels_on_conll_data_is_refused_naming_labels(tiny_bert, tmp_path, capsys):
     """CoNLL data has no label.json: sorting its tags would be a guess at the head's order (F1 0.099 on a real
     adapter, exit 0). loratag stops with one line naming --labels; with --labels it scores."""
-    adapter = _guide_adapter(tiny_bert, tmp_path / "guide")
+    adapter = guide_adapter(tiny_bert, tmp_path / "guide")
     capsys.readouterr()  # transformers' loading bar while the adapter was made
     code, out, err = run(capsys, "evaluate", adapter, "--data", RESOURCES / "tiny-conll", "--split", "test")
     assert code == 2 and out == ""
@@ -221,7 +197,7 @@ def test_plain_adapter_without_labels_on_conll_data_is_refused_naming_labels(tin
 
 
 def test_predict_plain_adapter_without_labels_names_labels(tiny_bert, tmp_path, capsys):
-    adapter = _guide_adapter(tiny_bert, tmp_path / "guide")
+    adapter = guide_adapter(tiny_bert, tmp_path / "guide")
     code, _, err = run(capsys, "predict", adapter, "--text", "IL-2 binds.")
     assert code == 2 and "--labels" in err
 
@@ -229,7 +205,7 @@ def test_predict_plain_adapter_without_labels_names_labels(tiny_bert, tmp_path, 
 def test_base_overrides_the_adapters_base(tiny_bert, tmp_path, capsys):
     """An adapter whose base_model_name_or_path is another machine's path: the error names --base, and --base
     loads it (evaluate, predict, export)."""
-    adapter = _guide_adapter(tiny_bert, tmp_path / "guide", base_name="/home/someone/models/tiny-bert")
+    adapter = guide_adapter(tiny_bert, tmp_path / "guide", base_name="/home/someone/models/tiny-bert")
     labels = RESOURCES / "tiny/label.json"
     code, _, err = run(capsys, "predict", adapter, "--labels", labels, "--text", "IL-2 binds.")
     assert code == 2 and "--base" in err and "/home/someone/models/tiny-bert" in err

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import shutil
 import socket
@@ -180,23 +181,29 @@ def test_parse_runs(runs, tmp_path):
     assert [n for _, n in parse_runs([], runs[0].parent)] == ["cells", "genes", "proteins"]
 
 
-@pytest.fixture(scope="module")
-def server(pool):
-    """A real uvicorn server on a free loopback port, in a thread."""
+@contextlib.contextmanager
+def running(app):
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its URL, then stops it."""
     import uvicorn
 
-    app, _ = create_app(pool, ServeSettings(wait_ms=20, workers=2))  # two workers, as `loratag serve` on 2 cores
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.01)
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     srv.should_exit = True
-    thread.join(5)
+    thread.join(10)
+    assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(pool):
+    app, _ = create_app(pool, ServeSettings(wait_ms=20, workers=2))  # two workers, as `loratag serve` on 2 cores
+    with running(app) as url:
+        yield url
 
 
 def test_concurrent_mixed_adapter_requests_answer_as_alone(server, runs):

@@ -2,9 +2,7 @@
 
 import asyncio
 import json
-import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +18,8 @@ from loratag.inference import Tagger
 from loratag.pool import AdapterPool, split_biases
 from loratag.train import train
 
-from .conftest import RESOURCES
-from .test_serve import TEXTS, _cfg, same
+from .conftest import RESOURCES, guide_adapter
+from .test_serve import TEXTS, _cfg, running, same
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -29,26 +27,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from loratag.serve import create_app  # noqa: E402
 
 LABELS = RESOURCES / "tiny/label.json"
-
-
-def _guide_adapter(tiny_bert, out: Path) -> Path:
-    """A plain PEFT adapter as the guide's code trains and saves it: bias all, its labels nowhere beside it."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForTokenClassification
-
-    label2id = json.loads(LABELS.read_text())
-    torch.manual_seed(5)
-    base = AutoModelForTokenClassification.from_pretrained(
-        tiny_bert, num_labels=7, id2label={v: k for k, v in label2id.items()}, label2id=label2id
-    )
-    lora = LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, bias="all", init_lora_weights=False)
-    model = get_peft_model(base, lora)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad and n.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.5)  # trained-looking biases everywhere, so losing one would show
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +37,7 @@ def mixed(tmp_path_factory, tiny_bert) -> list[tuple[Path, str]]:
         (train(_cfg(tiny_bert, bias=b, seed=s, lr=0.05, epochs=3), root / name, progress=False), name)
         for b, s, name in (("none", 0, "plain"), ("all", 1, "biased"), ("lora_only", 2, "lora-biased"))
     ]
-    return [*runs, (_guide_adapter(tiny_bert, root / "guide"), "guide")]
+    return [*runs, (guide_adapter(tiny_bert, root / "guide", seed=5), "guide")]
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +137,9 @@ def _bad_body() -> bytes:
 
 @pytest.fixture(scope="module")
 def server(mixed_pool):
-    import uvicorn
-
     app, inner = create_app(mixed_pool, ServeSettings(wait_ms=20, workers=2, max_words=300))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(10)
-    assert not thread.is_alive()
+    with running(app) as url:
+        yield url
     assert not inner.state.batcher.threads, "the worker threads did not stop with the app"
 
 
