@@ -215,3 +215,19 @@ def test_evaluate_scores_the_served_path(tiny_run):
     merged = evaluate(Tagger.load(tiny_run), corpus.splits["test"])
     unmerged = evaluate(Tagger.load(tiny_run, merge=False), corpus.splits["test"])
     assert merged["f1"] == pytest.approx(unmerged["f1"]) and merged["words"] == unmerged["words"]
+
+
+def test_constrained_decoding_is_viterbi_over_the_word_logits(tiny_run):
+    from loratag.data import load_corpus
+    from loratag.evaluation import evaluate
+    from loratag.labels import viterbi
+
+    words = [json.loads(x)["tokens"] for x in (RESOURCES / "tiny/test.json").read_text().splitlines()]
+    tagger = Tagger.load(tiny_run, decode="constrained", precision="fp32")
+    names = tagger.labels.labels
+    expected = [[names[j] for j in viterbi(w.log_softmax(-1), names)] for w in tagger.word_logits(words)]
+    assert tagger.predict_words(words) == expected
+    result = evaluate(tagger, load_corpus(str(RESOURCES / "tiny")).splits["test"])
+    assert result["decode"] == "constrained"
+    with pytest.raises(ValueError, match="--decode must be one of"):
+        Tagger(tagger.model, tagger.tokenizer, tagger.labels, decode="beam")

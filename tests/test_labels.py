@@ -30,3 +30,48 @@ def test_repair_does_not_mutate():
 def test_spans():
     assert tags_to_spans(["B-DNA", "B-DNA", "I-DNA", "I-RNA", "O"]) == [(0, 1, "DNA"), (1, 3, "DNA"), (3, 4, "RNA")]
     assert tags_to_spans([]) == []
+
+
+def test_viterbi_keeps_iob2_valid_where_argmax_would_not():
+    import torch
+
+    from loratag.labels import viterbi
+
+    names = ["O", "B-DNA", "I-DNA", "B-RNA", "I-RNA"]
+    p = torch.tensor(
+        [
+            [0.60, 0.35, 0.05, 0.0, 0.0],  # O
+            [0.05, 0.05, 0.90, 0.0, 0.0],  # argmax I-DNA after O: not valid
+            [0.05, 0.00, 0.35, 0.0, 0.60],  # argmax I-RNA after a DNA entity: not valid
+        ]
+    )
+    assert [names[i] for i in p.argmax(-1)] == ["O", "I-DNA", "I-RNA"]
+    assert [names[i] for i in viterbi(p.log(), names)] == ["B-DNA", "I-DNA", "I-DNA"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_viterbi_is_the_best_valid_sequence_by_brute_force(seed):
+    import itertools
+
+    import torch
+
+    from loratag.labels import may_follow, viterbi
+
+    names = ["O", "B-DNA", "I-DNA", "B-RNA", "I-RNA"]
+    g = torch.Generator().manual_seed(seed)
+    n = 1 + seed % 5
+    logp = torch.randn(n, len(names), generator=g).log_softmax(-1)
+    allowed, start = may_follow(names)
+
+    def valid(seq):
+        return start[seq[0]] and all(allowed[a][b] for a, b in zip(seq, seq[1:]))
+
+    best = max(
+        (s for s in itertools.product(range(len(names)), repeat=n) if valid(s)),
+        key=lambda s: sum(float(logp[t, j]) for t, j in enumerate(s)),
+    )
+    got = viterbi(logp, names)
+    assert valid(got)
+    assert sum(float(logp[t, j]) for t, j in enumerate(got)) == pytest.approx(
+        sum(float(logp[t, j]) for t, j in enumerate(best)), abs=1e-5
+    )

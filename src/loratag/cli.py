@@ -32,6 +32,10 @@ BASE_HELP = (
     "base model, instead of the one the run or adapter names: a hub name, a local directory, or minilm "
     "(for adapters whose base_model_name_or_path is another machine's path)"
 )
+DECODE_HELP = (
+    "argmax: each word's most probable label (a stray I-X read as B-X, as conlleval does); constrained: the most "
+    "probable valid IOB2 sequence (Viterbi: no I-X after O or after another type) [default: argmax]"
+)
 PRECISION_HELP = (
     "dtype of the forward passes; auto: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA, else fp32 [default: auto]"
 )
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--base", help=BASE_HELP)
     e.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
+    e.add_argument("--decode", default="argmax", choices=("argmax", "constrained"), help=DECODE_HELP)
     e.add_argument("--device")
 
     pr = sub.add_parser(
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
     pr.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
     pr.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
+    pr.add_argument("--decode", default="argmax", choices=("argmax", "constrained"), help=DECODE_HELP)
     pr.add_argument("--device")
 
     pa = sub.add_parser(
@@ -276,7 +282,9 @@ def _cmd_evaluate(args) -> None:
             )
         logging.getLogger("loratag").info("labels: %s (the adapter carries none)", corpus.labels_from)
         labels = corpus.labels
-    tagger = Tagger.load(args.run, labels=labels, device=args.device, base=args.base, precision=args.precision)
+    tagger = Tagger.load(
+        args.run, labels=labels, device=args.device, base=args.base, precision=args.precision, decode=args.decode
+    )
     unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
     if unknown:  # label ids may be ordered differently; names must be known to the model
         raise ValueError(
@@ -319,6 +327,7 @@ def _cmd_predict(args) -> None:
         "precision": args.precision,
         "batch_size": args.batch_size,
         "base": args.base,
+        "decode": args.decode,
     }
     if _sharded(args):
         from .shards import predict_shards

@@ -46,5 +46,6 @@ def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = Fal
     pred = [parts[i % world][0][i // world] for i in range(len(sentences))]
     result = scores([s.tags for s in sentences], pred)
     result["windowed_sentences"] = sum(n for _, n in parts)
+    result["decode"] = tagger.decode
     result["autocast"] = tagger.precision  # the forward passes' dtype (fp32 / bf16 / fp16): F1 differs slightly
     return result

@@ -13,7 +13,7 @@ import torch
 
 from .config import FORMAT, Config
 from .encoding import collate, encode, inference_batches
-from .labels import LabelSet, repair_iob2
+from .labels import LabelSet, repair_iob2, viterbi
 from .modeling import (
     adapter_base,
     adapter_labels,
@@ -30,6 +30,7 @@ from .progress import bar as progress_bar
 from .text import Entity, Word, entities, split_sentences
 
 log = logging.getLogger(__name__)
+DECODINGS = ("argmax", "constrained")
 
 
 @dataclass
@@ -86,12 +87,16 @@ class Tagger:
         precision: str = "auto",
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        decode: str = "argmax",
     ):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_length = max_length or model_max_length(tokenizer, model.config)
         self.dtype = resolve_precision(precision, self.device)
         self.batch_size = batch_size
+        if decode not in DECODINGS:
+            raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {decode!r}")
+        self.decode = decode
         self.last_windowed = 0
 
     @property
@@ -199,14 +204,21 @@ class Tagger:
         label_sets: Sequence[LabelSet] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
         """Per sentence, IOB2 labels and their probabilities (``label_sets``: one per sentence, when adapters
-        differ). An I-X that opens an entity is read as B-X, as conlleval does."""
+        differ). ``decode`` "argmax": each word's most probable label, an I-X that opens an entity read as B-X, as
+        conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after O or another
+        type)."""
         out = []
         for i, logits in enumerate(self.word_logits(sentences, progress, adapters)):
             if not len(logits):
                 out.append(([], []))
                 continue
             names = (label_sets[i] if label_sets is not None else self.labels).labels
-            probs, ids = logits.softmax(-1).max(-1)
+            logp = logits.log_softmax(-1)
+            if self.decode == "constrained":
+                ids = torch.tensor(viterbi(logp, names))
+            else:
+                ids = logp.argmax(-1)
+            probs = logp.gather(1, ids[:, None])[:, 0].exp()
             out.append((repair_iob2([names[j] for j in ids.tolist()])[0], [round(p, 4) for p in probs.tolist()]))
         return out
 

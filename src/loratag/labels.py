@@ -92,3 +92,36 @@ def tags_to_spans(tags: Sequence[str]) -> list[tuple[int, int, str]]:
         if prefix in ("B", "I") and not continues:
             start, kind = i, typ
     return spans
+
+
+def may_follow(labels: Sequence[str]) -> tuple[list[list[bool]], list[bool]]:
+    """IOB2's rule as a transition table: ``allowed[i][j]`` says label j may follow label i (an I-X only after B-X
+    or I-X); ``start[j]`` says label j may open a sentence (any but I-).
+
+    >>> allowed, start = may_follow(["O", "B-DNA", "I-DNA"])
+    >>> allowed[0], start
+    ([True, True, False], [True, True, False])
+    """
+    allowed = [[not b.startswith("I-") or (a != "O" and a[2:] == b[2:]) for b in labels] for a in labels]
+    return allowed, [not b.startswith("I-") for b in labels]
+
+
+def viterbi(logprobs, labels: Sequence[str]) -> list[int]:
+    """The label ids of the most probable IOB2-valid sequence (sum of per-word log probabilities, no I-X after O
+    or after another type), for one sentence's ``(words, labels)`` log probabilities (a torch tensor). Written by
+    hand: a few lines of dynamic programming, where a CRF library would also bring a trained transition matrix."""
+    import torch
+
+    allowed, start = may_follow(labels)
+    block = torch.tensor([[0.0 if ok else float("-inf") for ok in row] for row in allowed])
+    score = logprobs[0] + torch.tensor([0.0 if ok else float("-inf") for ok in start])
+    back = []
+    for t in range(1, len(logprobs)):
+        total = score[:, None] + block  # (previous, current)
+        best, arg = total.max(0)
+        back.append(arg)
+        score = best + logprobs[t]
+    path = [int(score.argmax())]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]
