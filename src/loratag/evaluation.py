@@ -41,8 +41,8 @@ def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = Fal
     ``dist`` (data-parallel training): each process predicts every world-th sentence, the predictions are
     gathered, and every sentence is scored once."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    mine = tagger.predict_words([s.tokens for s in sentences[rank::world]], progress=progress)
-    parts = dist.gather((mine, tagger.last_windowed)) if dist is not None else [(mine, tagger.last_windowed)]
+    mine = tagger.label_words([s.tokens for s in sentences[rank::world]], progress=progress)
+    parts = dist.gather(mine) if dist is not None else [mine]
     pred = [parts[i % world][0][i // world] for i in range(len(sentences))]
     result = scores([s.tags for s in sentences], pred)
     result["windowed_sentences"] = sum(n for _, n in parts)

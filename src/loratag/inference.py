@@ -97,7 +97,6 @@ class Tagger:
         if decode not in DECODINGS:
             raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {decode!r}")
         self.decode = decode
-        self.last_windowed = 0
 
     @property
     def precision(self) -> str:
@@ -160,14 +159,20 @@ class Tagger:
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
-    @torch.inference_mode()
     def word_logits(
         self, sentences: Sequence[Sequence[str]], progress: bool = False, adapters: Sequence[str] | None = None
     ) -> list[torch.Tensor]:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from
         the window where the word is most central. ``adapters``: one adapter name per sentence, for a model
         holding several adapters (passed as ``adapter_names``: to PEFT, or to multilora.MultiLoraModel)."""
-        windows, self.last_windowed = encode(self.tokenizer, sentences, self.max_length)
+        return self._forward(sentences, progress, adapters)[0]
+
+    @torch.inference_mode()
+    def _forward(
+        self, sentences: Sequence[Sequence[str]], progress: bool, adapters: Sequence[str] | None
+    ) -> tuple[list[torch.Tensor], int]:
+        """word_logits, and how many sentences needed more than one window."""
+        windows, windowed = encode(self.tokenizer, sentences, self.max_length)
         out = [torch.zeros(len(s), len(self.labels)) for s in sentences]
         was_training = self.model.training
         self.model.eval()
@@ -194,7 +199,7 @@ class Tagger:
         finally:
             bar.close()
             self.model.train(was_training)
-        return out
+        return out, windowed
 
     def word_predictions(
         self,
@@ -207,8 +212,13 @@ class Tagger:
         differ). ``decode`` "argmax": each word's most probable label, an I-X that opens an entity read as B-X, as
         conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after O or another
         type)."""
+        return self._decode(self.word_logits(sentences, progress, adapters), label_sets)
+
+    def _decode(
+        self, word_logits: list[torch.Tensor], label_sets: Sequence[LabelSet] | None = None
+    ) -> list[tuple[list[str], list[float]]]:
         out = []
-        for i, logits in enumerate(self.word_logits(sentences, progress, adapters)):
+        for i, logits in enumerate(word_logits):
             if not len(logits):
                 out.append(([], []))
                 continue
@@ -224,7 +234,13 @@ class Tagger:
 
     def predict_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> list[list[str]]:
         """IOB2 labels for pre-split words."""
-        return [labels for labels, _ in self.word_predictions(sentences, progress)]
+        return self.label_words(sentences, progress)[0]
+
+    def label_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> tuple[list[list[str]], int]:
+        """IOB2 labels for pre-split words, and how many sentences needed more than one window (for evaluation's
+        report; returned, not kept on the Tagger, which threads share)."""
+        logits, windowed = self._forward(sentences, progress, None)
+        return [labels for labels, _ in self._decode(logits)], windowed
 
     def tag_documents(
         self,
