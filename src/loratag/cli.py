@@ -11,7 +11,17 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import Config, LoraSettings, ServeSettings, TrainConfig, option_fields, serve_fields, with_overrides
+from .config import (
+    DECODINGS,
+    PRECISIONS,
+    Config,
+    LoraSettings,
+    ServeSettings,
+    TrainConfig,
+    option_fields,
+    serve_fields,
+    with_overrides,
+)
 
 EXAMPLES = """examples:
   loratag train --data ../shared/data/bionlp2004 --out runs/bionlp          # offline default (MiniLM)
@@ -130,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "[default: the run's labels.json, else the adapter's config.json, else a label.json beside the data]",
     )
     e.add_argument("--base", help=BASE_HELP)
-    e.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
-    e.add_argument("--decode", default="argmax", choices=("argmax", "constrained"), help=DECODE_HELP)
+    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    e.add_argument("--decode", default="argmax", choices=DECODINGS, help=DECODE_HELP)
     e.add_argument("--device")
 
     pr = sub.add_parser(
@@ -171,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of Linear layers (CPU)")
     pr.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
     pr.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
-    pr.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
-    pr.add_argument("--decode", default="argmax", choices=("argmax", "constrained"), help=DECODE_HELP)
+    pr.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    pr.add_argument("--decode", default="argmax", choices=DECODINGS, help=DECODE_HELP)
     pr.add_argument("--device")
 
     pa = sub.add_parser(
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         help=PRECISION_HELP + "; fp32 answers exactly as `loratag predict --precision fp32`",
     )
     sv.add_argument("--host", default="127.0.0.1")

@@ -10,6 +10,7 @@ from typing import Any
 FORMAT = "loratag-run.v1"
 BIASES = ("none", "all", "lora_only")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODINGS = ("argmax", "constrained")  # prediction: each word's best label, or the best valid IOB2 sequence
 
 
 def _opt(default: Any, flag: str, help: str, **kw: Any) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import FORMAT, Config
+from .config import DECODINGS, FORMAT, Config
 from .encoding import collate, encode, inference_batches
 from .labels import LabelSet, repair_iob2, viterbi
 from .modeling import (
@@ -30,7 +30,6 @@ from .progress import bar as progress_bar
 from .text import Entity, Word, entities, split_sentences
 
 log = logging.getLogger(__name__)
-DECODINGS = ("argmax", "constrained")
 
 
 @dataclass
@@ -125,7 +124,7 @@ class Tagger:
         adapter, cfg = locate(path)
         if cfg is not None:
             kw.setdefault("max_length", cfg.train.max_length)
-        labels = labels or known_labels(path)
+        labels = labels or adapter_labels(adapter, path if cfg is not None else None)
         if labels is None:
             raise ValueError(
                 f"{path}: the adapter does not say its label order (no labels.json, no config.json with id2label); "

@@ -112,6 +112,15 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
     )
 
 
+def load_base(path: str, labels: LabelSet):
+    """The base model at ``path`` (resolved) with a classifier head for ``labels``. A base that already has a head of
+    another size (another NER model) gets a fresh head."""
+    from transformers import AutoModelForTokenClassification
+
+    kw = {"num_labels": len(labels), "id2label": labels.id2label, "label2id": labels.label2id}
+    return _from_pretrained(AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw)
+
+
 def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
     """The base model with a fresh classifier head and a LoRA adapter (PEFT ``TOKEN_CLS``: the head is in
     ``modules_to_save``, so the adapter carries its own head). ``meta``: shapes only, no weights read."""
@@ -119,16 +128,13 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     path = resolve_model(cfg.model)
-    kw = {"num_labels": len(labels), "id2label": labels.id2label, "label2id": labels.label2id}
     if meta:
+        kw = {"num_labels": len(labels), "id2label": labels.id2label, "label2id": labels.label2id}
         mconf = _from_pretrained(AutoConfig.from_pretrained, path, **kw)
         with torch.device("meta"):
             base = AutoModelForTokenClassification.from_config(mconf)
     else:
-        # a base that already has a head of another size (another NER model) gets a fresh head
-        base = _from_pretrained(
-            AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw
-        )
+        base = load_base(path, labels)
     try:
         return get_peft_model(base, lora_config(cfg.lora, model=base))
     except ValueError as e:
@@ -185,7 +191,6 @@ def load_adapter(
     """A PEFT adapter on its base model (``base_model``: instead of the one the adapter names), classifier head
     included, in eval mode. ``user_base``: the user named ``base_model`` (else a failure to load it says --base)."""
     from peft import PeftModel
-    from transformers import AutoModelForTokenClassification
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -195,12 +200,8 @@ def load_adapter(
     n = head_size(adapter_dir)
     if n != len(labels):
         raise ValueError(f"{adapter_dir}: the classifier head has {n} classes but the label set has {len(labels)}")
-    kw = {"num_labels": n, "id2label": labels.id2label, "label2id": labels.label2id}
     try:
-        path = resolve_model(base_model or adapter_base(adapter_dir))
-        base = _from_pretrained(
-            AutoModelForTokenClassification.from_pretrained, path, ignore_mismatched_sizes=True, **kw
-        )
+        base = load_base(resolve_model(base_model or adapter_base(adapter_dir)), labels)
     except FileNotFoundError as e:
         if user_base:
             raise
@@ -239,11 +240,6 @@ def cpu_bf16() -> str:
     return "emulated"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX-512 BF16; elsewhere bf16 matmuls are emulated and slower than fp32."""
-    return cpu_bf16() != "emulated"
-
-
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32). ``auto``: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA GPUs
     that support it (fp16 on older GPUs), fp32 on every other CPU (there bf16 is emulated)."""
@@ -255,7 +251,7 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if cpu_bf16() != "emulated" else None
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

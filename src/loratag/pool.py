@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from . import multilora
-from .inference import TaggedDocument, Tagger, known_labels, locate
+from .inference import TaggedDocument, Tagger, locate
 from .labels import LabelSet
-from .modeling import adapter_base, device_of, head_size, load_tokenizer, resolve_model
+from .modeling import adapter_base, adapter_labels, device_of, head_size, load_base, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -62,8 +62,7 @@ def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) 
     adapter_dir, cfg = locate(path)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no adapter_model.safetensors (only safetensors adapters are served)")
-    own = known_labels(path)
-    labels = own or labels
+    labels = adapter_labels(adapter_dir, path if cfg is not None else None) or labels
     if labels is None:
         raise ValueError(f"{path}: the adapter does not say its label order; pass --labels label.json")
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -103,15 +102,9 @@ def load_shared(adapters: list[Adapter], base_path: str):
     trained biases apart (in the adapters' order)."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForTokenClassification
 
-    from .modeling import _from_pretrained
-
-    first = adapters[0]
-    kw = {"num_labels": len(first.labels), "id2label": first.labels.id2label, "label2id": first.labels.label2id}
-    base = _from_pretrained(
-        AutoModelForTokenClassification.from_pretrained, base_path, ignore_mismatched_sizes=True, **kw
-    )
+    base = load_base(base_path, adapters[0].labels)
+    modules = {n for n, _ in base.named_modules()}  # PEFT wraps modules under their own names
     model, biases = None, []
     for a in adapters:
         cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
@@ -126,7 +119,6 @@ def load_shared(adapters: list[Adapter], base_path: str):
         missing = [k for k in result.missing_keys if any(m in k for m in mine)]
         if missing:
             raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
-        modules = dict(model.base_model.model.named_modules())
         unknown = [m for m in own if m not in modules]
         if unknown:
             raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
