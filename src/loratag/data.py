@@ -47,7 +47,11 @@ class Corpus:
 
 def read_text(path: Path) -> str:
     """A UTF-8 file's text as it is (offsets into it stay valid); other encodings fail naming file:line."""
-    raw = path.read_bytes()
+    return decode_utf8(path.read_bytes(), path)
+
+
+def decode_utf8(raw: bytes, path: Path) -> str:
+    """``raw`` (the bytes of ``path``, perhaps gunzipped) as UTF-8 text; other encodings fail naming file:line."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

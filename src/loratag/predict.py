@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import JSONL_EXT, DataError, read_text
+from .data import JSONL_EXT, DataError, decode_utf8, read_text
 from .inference import TaggedDocument, Tagger
 from .text import Word, entities
 
@@ -29,11 +29,7 @@ def _file_text(path: Path) -> str:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: not a gzip file ({e})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    return decode_utf8(raw, path)
 
 
 def read_texts(path: Path) -> list[str] | list[list[str]]:

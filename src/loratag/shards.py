@@ -52,9 +52,7 @@ def find_shards(spec: str | Path) -> list[Shard]:
         raise FileNotFoundError(f"{spec}: no input shards (files ending in {', '.join(SHARD_FORMATS)}, or .gz)")
     shards = []
     for p in files:
-        rel = p.relative_to(root).as_posix().replace("/", "__")
-        stem = rel[: -len(".gz")] if rel.endswith(".gz") else rel
-        stem = stem[: -len(_suffix(p))] if _suffix(p) else stem
+        stem = p.relative_to(root).as_posix().replace("/", "__").removesuffix(".gz").removesuffix(_suffix(p))
         shards.append(Shard(p, stem + (".conll" if _suffix(p) in CONLL else ".jsonl")))
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
@@ -107,6 +105,23 @@ def tag_shard(tagger, shard: Shard, out: Path) -> dict:
     }
 
 
+def _entries(engine: str, load_kw: dict, todo: list[Shard], out: Path, actors: int, ray_address: str | None):
+    """The manifest entries of the shards in ``todo``, each as its shard is written, from the chosen engine."""
+    if engine == "local":
+        if todo:
+            from .inference import Tagger
+
+            tagger = Tagger.load(**load_kw)
+            for shard in todo:
+                yield tag_shard(tagger, shard, out)
+    elif engine == "ray":
+        from .rayengine import run_ray
+
+        yield from run_ray(load_kw, todo, out, actors, ray_address)
+    else:
+        raise ValueError(f"--engine must be local or ray, got {engine!r}")
+
+
 def predict_shards(
     load_kw: dict,
     inputs: str | Path,
@@ -131,30 +146,12 @@ def predict_shards(
     sizes = {s.name: s.source.stat().st_size for s in todo}
     bar = progress_bar(sum(sizes.values()), "predict", "B", progress, unit_scale=True, unit_divisor=1024)
     docs = 0
-
-    def advance(entry: dict) -> None:
-        nonlocal docs
-        docs += entry["documents"]
-        bar.update(sizes[entry["shard"]])
-        bar.set_postfix(docs=docs, docs_per_s=f"{docs / max(1e-9, time.monotonic() - start):.1f}", refresh=False)
-
     try:
-        if engine == "local":
-            from .inference import Tagger
-
-            tagger = Tagger.load(**load_kw) if todo else None
-            for shard in todo:
-                entry = tag_shard(tagger, shard, out)
-                record(out, entry)
-                advance(entry)
-        elif engine == "ray":
-            from .rayengine import run_ray
-
-            for entry in run_ray(load_kw, todo, out, actors, ray_address):
-                record(out, entry)
-                advance(entry)
-        else:
-            raise ValueError(f"--engine must be local or ray, got {engine!r}")
+        for entry in _entries(engine, load_kw, todo, out, actors, ray_address):
+            record(out, entry)
+            docs += entry["documents"]
+            bar.update(sizes[entry["shard"]])
+            bar.set_postfix(docs=docs, docs_per_s=f"{docs / max(1e-9, time.monotonic() - start):.1f}", refresh=False)
     finally:
         bar.close()
     finished = read_manifest(out)
