@@ -18,7 +18,7 @@ from loratag.train import train, train_and_load
 from .conftest import RESOURCES
 
 WORDS = [["IL-2", "gene", "expression", "requires", "NF-kappa", "B", "."], ["T", "cells", "express", "CD28", "."]]
-RUN_FILES = {"config.json", "labels.json", "adapter", "last", "metrics.json", "README.md", "train.log"}
+RUN_FILES = {"config.json", "labels.json", "adapter", "last", "metrics.json", "README.md", "curves.png", "train.log"}
 
 
 def plain_peft_logits(base_dir: Path, adapter_dir: Path, tagger: Tagger, words):
@@ -174,7 +174,7 @@ def test_sigkill_then_resume_gives_the_same_result(tiny_bert, tmp_path):
     proc.wait()
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
     state = torch.load(killed / "checkpoint.pt", weights_only=False)
-    assert state["step_in_epoch"] > 0 or state["epoch"] > 0
+    assert state["state"]["step_in_epoch"] > 0 or state["state"]["epoch"] > 0
 
     resumed = _cli(["train", "--out", str(killed), "--resume"])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()

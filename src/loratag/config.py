@@ -37,6 +37,14 @@ class LoraSettings:
         "encoder, not the classifier head (default: PEFT's choice for the architecture, query+value on "
         "BERT/RoBERTa as in the guide)",
     )
+    top_layers: int | None = _opt(
+        None,
+        "--lora-top-layers",
+        "adapt only the top K encoder layers (LoRA and trained biases); the layers below stay frozen, and in "
+        "training their output is computed once per run and cached, so each epoch runs only the top K "
+        "(default: every layer, as the guide)",
+    )
+    rslora: bool = _opt(False, "--rslora", "rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r")
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -47,6 +55,8 @@ class LoraSettings:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if self.bias not in BIASES:
             raise ValueError(f"--bias must be one of {', '.join(BIASES)}, got {self.bias!r}")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"--lora-top-layers must be >= 1, got {self.top_layers}")
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", _split_csv(self.target_modules))
         elif self.target_modules is not None:
@@ -87,6 +97,29 @@ class TrainConfig:
         "'false' reproduces the guide's random batches",
     )
     eval_batch_size: int = _opt(64, "--eval-batch-size", "sentences per evaluation batch")
+    lora_plus_ratio: float = _opt(
+        1.0, "--lora-plus-ratio", "LoRA+: the learning rate of the LoRA B matrices is this times --lr (1: off)"
+    )
+    low_precision_weights: bool = _opt(
+        True,
+        "--low-precision-weights",
+        "when autocasting to bf16 / fp16, store the frozen base weights in that dtype once instead of casting "
+        "them at every step (the numbers are the same: autocast rounds them identically)",
+    )
+    decode: str = _opt(
+        "argmax",
+        "--decode",
+        "how validation picks the best epoch and how the run predicts by default: argmax (each word's best "
+        "label) or constrained (the best valid IOB2 sequence)",
+        choices=DECODINGS,
+    )
+    time_budget: float | None = _opt(
+        None,
+        "--time-budget",
+        "MINUTES for the whole run, start to exit, evaluations included: the run times its first steps and "
+        "plans the steps, the learning-rate decay to zero and the evaluations to end inside it (--epochs is "
+        "then ignored)",
+    )
     checkpoint_minutes: float = _opt(
         10.0, "--checkpoint-minutes", "also checkpoint inside an epoch this often (0: only at epoch ends)"
     )
@@ -113,6 +146,12 @@ class TrainConfig:
             raise ValueError(f"--max-train-sentences must be >= 1, got {self.max_train_sentences}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.lora_plus_ratio <= 0:
+            raise ValueError(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
+        if self.decode not in DECODINGS:
+            raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {self.decode!r}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"--time-budget must be > 0 minutes, got {self.time_budget}")
         if self.checkpoint_minutes < 0:
             raise ValueError(f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}")
 

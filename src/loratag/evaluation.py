@@ -36,15 +36,22 @@ def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict
     }
 
 
-def evaluate(tagger: Tagger, sentences: Sequence[Sentence], progress: bool = False, dist=None) -> dict:
+def evaluate(
+    tagger: Tagger, sentences: Sequence[Sentence], progress: bool = False, dist=None, decodes: Sequence[str] = ()
+) -> dict:
     """Scores of the tagger on gold sentences; every gold word is predicted (long ones through windows).
     ``dist`` (data-parallel training): each process predicts every world-th sentence, the predictions are
-    gathered, and every sentence is scored once."""
+    gathered, and every sentence is scored once. ``decodes``: also score these decodings of the same forward pass
+    (``by_decode``: overall precision, recall and F1 of each); the main scores are the tagger's own decoding."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    mine = tagger.label_words([s.tokens for s in sentences[rank::world]], progress=progress)
+    names = (tagger.decode, *[d for d in decodes if d != tagger.decode])
+    mine = tagger.label_words_each([s.tokens for s in sentences[rank::world]], names, progress=progress)
     parts = dist.gather(mine) if dist is not None else [mine]
-    pred = [parts[i % world][0][i // world] for i in range(len(sentences))]
-    result = scores([s.tags for s in sentences], pred)
+    gold = [s.tags for s in sentences]
+    by = {d: scores(gold, [parts[i % world][0][d][i // world] for i in range(len(sentences))]) for d in names}
+    result = by[tagger.decode]
+    if decodes:
+        result["by_decode"] = {d: {k: v[k] for k in ("precision", "recall", "f1")} for d, v in by.items()}
     result["windowed_sentences"] = sum(n for _, n in parts)
     result["decode"] = tagger.decode
     result["autocast"] = tagger.precision  # the forward passes' dtype (fp32 / bf16 / fp16): F1 differs slightly

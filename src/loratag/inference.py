@@ -124,6 +124,8 @@ class Tagger:
         adapter, cfg = locate(path)
         if cfg is not None:
             kw.setdefault("max_length", cfg.train.max_length)
+        if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
+            kw["decode"] = cfg.train.decode if cfg is not None else "argmax"
         labels = labels or adapter_labels(adapter, path if cfg is not None else None)
         if labels is None:
             raise ValueError(
@@ -214,8 +216,9 @@ class Tagger:
         return self._decode(self.word_logits(sentences, progress, adapters), label_sets)
 
     def _decode(
-        self, word_logits: list[torch.Tensor], label_sets: Sequence[LabelSet] | None = None
+        self, word_logits: list[torch.Tensor], label_sets: Sequence[LabelSet] | None = None, decode: str | None = None
     ) -> list[tuple[list[str], list[float]]]:
+        decode = decode or self.decode
         out = []
         for i, logits in enumerate(word_logits):
             if not len(logits):
@@ -223,7 +226,7 @@ class Tagger:
                 continue
             names = (label_sets[i] if label_sets is not None else self.labels).labels
             logp = logits.log_softmax(-1)
-            if self.decode == "constrained":
+            if decode == "constrained":
                 ids = torch.tensor(viterbi(logp, names))
             else:
                 ids = logp.argmax(-1)
@@ -238,8 +241,15 @@ class Tagger:
     def label_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> tuple[list[list[str]], int]:
         """IOB2 labels for pre-split words, and how many sentences needed more than one window (for evaluation's
         report; returned, not kept on the Tagger, which threads share)."""
+        by_decode, windowed = self.label_words_each(sentences, (self.decode,), progress)
+        return by_decode[self.decode], windowed
+
+    def label_words_each(
+        self, sentences: Sequence[Sequence[str]], decodes: Sequence[str], progress: bool = False
+    ) -> tuple[dict[str, list[list[str]]], int]:
+        """As ``label_words``, decoded in each of ``decodes`` from one forward pass."""
         logits, windowed = self._forward(sentences, progress, None)
-        return [labels for labels, _ in self._decode(logits)], windowed
+        return {d: [labels for labels, _ in self._decode(logits, decode=d)] for d in decodes}, windowed
 
     def tag_documents(
         self,

@@ -101,6 +101,14 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
         if model is None:
             raise ValueError("all-linear needs the base model to find its Linear layers")
         targets = tuple(encoder_linear_names(model))
+    layers = None
+    if lora.top_layers is not None:
+        if model is None:
+            raise ValueError("--lora-top-layers needs the base model to count its layers")
+        n = len(encoder_layers(model)[1])
+        if lora.top_layers > n:
+            raise ValueError(f"--lora-top-layers {lora.top_layers}: the encoder has only {n} layers")
+        layers = list(range(n - lora.top_layers, n))
     return LoraConfig(
         task_type=TaskType.TOKEN_CLS,
         r=lora.r,
@@ -108,8 +116,25 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
         lora_dropout=lora.dropout,
         bias=lora.bias,
         target_modules=list(targets) if targets is not None else None,
+        layers_to_transform=layers,
+        layers_pattern="layer" if layers is not None else None,
+        use_rslora=lora.rslora,
         inference_mode=inference_mode,
     )
+
+
+def encoder_layers(model):
+    """``(backbone, layers)`` of a BERT-style encoder (BERT, RoBERTa, XLM-R, ELECTRA ...): the module with
+    ``embeddings`` and ``encoder.layer``, and that ModuleList. ``model``: a transformers model or a PEFT model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), base)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if not hasattr(backbone, "embeddings") or not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"--lora-top-layers needs a BERT-style encoder (embeddings + encoder.layer); {type(base).__name__} "
+            "is not one"
+        )
+    return backbone, layers
 
 
 def load_base(path: str, labels: LabelSet):
@@ -136,9 +161,22 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
     else:
         base = load_base(path, labels)
     try:
-        return get_peft_model(base, lora_config(cfg.lora, model=base))
+        model = get_peft_model(base, lora_config(cfg.lora, model=base))
     except ValueError as e:
-        raise ValueError(f"--target-modules: {e}") from None
+        raise ValueError(f"--target-modules: {e}" if "lora-top-layers" not in str(e) else str(e)) from None
+    if cfg.lora.top_layers is not None:
+        _freeze_below(model, cfg.lora.top_layers)
+    return model
+
+
+def _freeze_below(model, top: int) -> None:
+    """With LoRA on the top layers only, the trained biases (bias "all") stay in those layers too: nothing below
+    them trains, so their output can be computed once and cached. PEFT's bias "all" marks every bias."""
+    backbone, layers = encoder_layers(model)
+    keep = {id(p) for layer in layers[len(layers) - top :] for p in layer.parameters()}
+    for p in backbone.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,181 @@
+"""Less work per step: LoRA on the top layers with the frozen layers below cached, frozen weights stored once in
+bf16, LoRA+ and rsLoRA, the loss divisor, and planning a --time-budget run."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from loratag.encoding import collate, encode
+from loratag.frozen import LayerCache, layers_only, low_precision_weights
+from loratag.inference import Tagger
+from loratag.labels import LabelSet
+from loratag.modeling import build_model, load_tokenizer
+from loratag.train import _loss_divisors, _param_groups, _Run, train_and_load
+
+from .conftest import RESOURCES
+from .test_train import WORDS, plain_peft_logits
+
+LABELS = LabelSet.load(RESOURCES / "tiny/label.json")
+SENTENCES = [["IL-2", "gene", "expression", "requires", "NF-kappa", "B", "."], ["T", "cells", "."], ["CD28"]]
+
+
+def _top(cfg, k=1, bias="all", base=None):
+    return replace(cfg, model=str(base or cfg.model), lora=replace(cfg.lora, top_layers=k, bias=bias))
+
+
+def test_top_layers_adapt_and_train_only_the_top_layers(tiny_cfg):
+    model = build_model(_top(tiny_cfg), LABELS)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layer.1." in n or "classifier" in n for n in trainable)
+    assert any(n.endswith("bias") and ".layer.1." in n for n in trainable)  # bias all: the top layer's biases
+    assert not any("embeddings" in n or ".layer.0." in n for n in trainable)
+    acfg = model.peft_config["default"]
+    assert list(acfg.layers_to_transform) == [1]
+
+
+def test_more_top_layers_than_the_encoder_has_is_an_error(tiny_cfg):
+    with pytest.raises(ValueError, match="only 2 layers"):
+        build_model(_top(tiny_cfg, k=3), LABELS)
+
+
+def test_cached_lower_layers_give_the_same_logits_and_gradients(tiny_cfg, tiny_bert_nodrop):
+    """Without dropout, the top layer run on the cached output of the layer below equals the whole model (fp32)."""
+    cfg = _top(tiny_cfg, base=tiny_bert_nodrop)
+    cfg = replace(cfg, lora=replace(cfg.lora, dropout=0.0))
+    torch.manual_seed(0)
+    model = build_model(cfg, LABELS)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter do something
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    tok = load_tokenizer(cfg.model)
+    windows, _ = encode(tok, SENTENCES, 64)
+    cache = LayerCache.build(model, windows, 1, tok.pad_token_id, None, torch.device("cpu"), batch_size=2)
+    assert cache.flat.shape[0] == sum(len(w.input_ids) for w in windows)
+    model.train()
+    rows = [0, 1, 2]
+    batch = collate([windows[i] for i in rows], tok.pad_token_id)
+    mask = batch["attention_mask"].bool()  # padded positions differ (pad embeddings vs zeros) and are never scored
+    whole = model(**batch).logits
+    whole[mask].sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with layers_only(model, 1, None, cached_input=True):
+        top = model(**cache.batch(rows, batch["input_ids"].shape[1])).logits
+        top[mask].sum().backward()
+    torch.testing.assert_close(top[mask], whole[mask], rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    assert len(model.base_model.model.bert.encoder.layer) == 2  # the full model is back after the block
+
+
+def test_a_top_layers_run_reloads_as_a_plain_peft_adapter(tiny_cfg, tiny_bert, tmp_path):
+    cfg = replace(_top(tiny_cfg), train=replace(tiny_cfg.train, epochs=1, lr=0.05))
+    run, mem = train_and_load(cfg, tmp_path / "run", progress=False)
+    facts = json.loads((run / "config.json").read_text())["run"]
+    assert facts["cached_layers"] == 1 and facts["cache_bytes"] > 0
+    expected = mem.word_logits(WORDS)
+    for e, a, p in zip(
+        expected, Tagger.load(run).word_logits(WORDS), plain_peft_logits(tiny_bert, run / "adapter", mem, WORDS)
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]["by_decode"]) == {"argmax", "constrained"}
+    assert set(metrics["epochs"][0]["validation"]["by_decode"]) == {"argmax", "constrained"}
+
+
+def test_frozen_weights_stored_once_in_bf16_give_the_same_bf16_logits(tiny_cfg):
+    model = build_model(replace(tiny_cfg, lora=replace(tiny_cfg.lora, bias="all")), LABELS).eval()
+    batch = collate(encode(load_tokenizer(tiny_cfg.model), SENTENCES, 64)[0], 0)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = {id(m): m.weight.detach().clone() for m in linear}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(**batch).logits
+        with low_precision_weights(model, torch.bfloat16) as cast:
+            assert cast == sum(not m.weight.requires_grad for m in linear) > 0
+            assert all(m.weight.dtype == (torch.float32 if m.weight.requires_grad else torch.bfloat16) for m in linear)
+            stored = model(**batch).logits
+    torch.testing.assert_close(stored, reference, rtol=0, atol=0)  # autocast rounds a weight exactly so
+    assert all(torch.equal(m.weight, before[id(m)]) and m.weight.dtype == torch.float32 for m in linear)
+    with low_precision_weights(model, None) as cast:  # fp32: nothing to do
+        assert cast == 0
+
+
+def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tiny_cfg):
+    model = build_model(tiny_cfg, LABELS)
+    groups = _param_groups(model, 0.01, 1e-3, lora_plus_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        is_b = {"lora_B" in names[id(p)] for p in g["params"]}
+        assert len(is_b) == 1
+        assert g["lr"] == (16e-3 if is_b.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert all(g["lr"] == 1e-3 for g in _param_groups(model, 0.01, 1e-3))
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):
+    model = build_model(replace(tiny_cfg, lora=replace(tiny_cfg.lora, r=4, alpha=8, rslora=True)), LABELS)
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert layer.scaling["default"] == pytest.approx(8 / 2)  # alpha / sqrt(r), not alpha / r = 2
+
+
+def test_length_grouped_batches_weight_every_token_equally():
+    """A per-batch mean over length-grouped batches weights a token of a short-sentence batch more; a constant
+    per-epoch divisor weights every token alike (and random batches keep the Trainer's per-batch mean)."""
+
+    class W:
+        def __init__(self, n):
+            self.first, self.last = 0, n
+
+    windows = [W(2), W(2), W(10), W(10)]
+    plan = [[0, 1], [2, 3]]
+    assert _loss_divisors(plan, windows, per_epoch=False) == [4.0, 20.0]
+    assert _loss_divisors(plan, windows, per_epoch=True) == [12.0, 12.0]  # 24 tokens / 2 batches
+
+
+def _planned(tiny_cfg, tmp_path, minutes, per_token, per_sentence, setup_s=1.0):
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=minutes))
+    from loratag.dist import Dist
+
+    run = _Run(cfg, tmp_path, False, False, torch.device("cpu"), Dist(), started=0.0)
+    run.elapsed = lambda: setup_s
+    run._seconds_per_padded_token = lambda: per_token
+    run._seconds_per_eval_sentence = lambda: per_sentence
+    return run, run.schedule()
+
+
+def test_a_time_budget_plans_whole_epochs_then_a_partial_one(tiny_cfg, tmp_path):
+    run, (steps, plan) = _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_sentence=0.1)
+    per_epoch = len(run.plan(0))
+    epoch_s = sum(0.01 * run._padded(b) for b in run.plan(0))
+    val_s = 1.1 * 0.1 * len(run.corpus.splits["validation"])
+    test_s = 1.1 * 0.1 * len(run.corpus.splits["test"])
+    full = int((60 - 1 - test_s - 2.6) // (epoch_s + val_s))
+    assert steps[:full] == [per_epoch] * full
+    assert len(steps) in (full, full + 1) and all(0 < s <= per_epoch for s in steps)
+    spent = sum(sum(0.01 * run._padded(b) for b in run.plan(e)[:n]) for e, n in enumerate(steps))
+    assert 1 + spent + len(steps) * val_s + test_s <= 60  # everything planned fits in the budget
+    assert plan["planned_steps"] == steps and plan["deadline_s"] == pytest.approx(60 - val_s - test_s - 2.6, abs=0.1)
+
+
+def test_a_time_budget_too_short_to_train_says_so(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match="too short: setting up took 50 s"):
+        _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_sentence=1.0, setup_s=50.0)
+
+
+def test_a_budgeted_run_records_its_plan_and_stops_at_the_deadline(tiny_cfg, tmp_path, monkeypatch):
+    """The deadline check: a run whose plan is too optimistic stops training when the deadline passes, then
+    still evaluates, keeps the best and scores test."""
+    monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)  # plans far more steps than fit
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
+    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    budget = metrics["time_budget"]
+    assert budget["stopped_early"] and sum(budget["planned_steps"]) > sum(e["steps"] for e in metrics["epochs"])
+    assert metrics["test"]["f1"] >= 0 and metrics["best_epoch"] is not None
