@@ -26,8 +26,9 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         f"# LoRA token classifier on {cfg.model}",
         "",
         f"Trained with loratag on `{cfg.data}`: LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
-        f"dropout={cfg.lora.dropout}, bias={cfg.lora.bias}, lr={cfg.train.lr}, {cfg.train.epochs} epochs. "
-        f"Trainable parameters: {run.get('trainable_params', '?'):,}.",
+        f"dropout={cfg.lora.dropout}, bias={cfg.lora.bias}, {_where(cfg)}, lr={cfg.train.lr}, "
+        f"{_length(cfg, metrics)}. "
+        f"Trainable parameters: {run.get('trainable_params', '?'):,}. Decoding: {cfg.train.decode}.",
         "",
         f"Labels: {', '.join(labels.labels)}",
         "",
@@ -47,10 +48,21 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
             f"Accuracy (per word): {test['accuracy']:.4f}",
             "",
         ]
+    from .plot import plot_runs
+
+    plot_runs([out], out / "curves.png", title=f"{out.name}: validation F1 by wall-clock time")
     lines += [
         "## Validation F1 by epoch",
         "",
-        " ".join(f"{e['validation']['f1']:.3f}" for e in metrics["epochs"]),
+        "![validation F1 against minutes since the run began](curves.png)",
+        "",
+        "| epoch | steps | minutes (wall, evaluations included) | train loss | validation F1 |",
+        "| --- | --- | --- | --- | --- |",
+        *[
+            f"| {e['epoch']} | {e.get('steps', '')} | {e.get('wall_seconds', e['train_seconds']) / 60:.1f} | "
+            f"{e['train_loss']:.4f} | {e['validation']['f1']:.4f} |"
+            for e in metrics["epochs"]
+        ],
         "",
         "## Use",
         "",
@@ -65,3 +77,16 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _where(cfg: Config) -> str:
+    targets = ",".join(cfg.lora.target_modules) if cfg.lora.target_modules else "PEFT's default modules"
+    layers = f"top {cfg.lora.top_layers} layers" if cfg.lora.top_layers else "every layer"
+    return f"on {targets} of {layers}"
+
+
+def _length(cfg: Config, metrics: dict) -> str:
+    ran = len(metrics["epochs"])
+    if cfg.train.time_budget:
+        return f"a {cfg.train.time_budget:g}-minute time budget ({ran} epoch(s), the last possibly partial)"
+    return f"{cfg.train.epochs} epochs"

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -44,7 +46,8 @@ BASE_HELP = (
 )
 DECODE_HELP = (
     "argmax: each word's most probable label (a stray I-X read as B-X, as conlleval does); constrained: the most "
-    "probable valid IOB2 sequence (Viterbi: no I-X after O or after another type) [default: argmax]"
+    "probable valid IOB2 sequence (Viterbi: no I-X after O or after another type) [default: the run's own, "
+    "chosen with --decode at training; argmax for plain PEFT adapters]"
 )
 PRECISION_HELP = (
     "dtype of the forward passes; auto: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA, else fp32 [default: auto]"
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--base", help=BASE_HELP)
     e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    e.add_argument("--decode", default="argmax", choices=DECODINGS, help=DECODE_HELP)
+    e.add_argument("--decode", choices=DECODINGS, help=DECODE_HELP)
     e.add_argument("--device")
 
     pr = sub.add_parser(
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
     pr.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
     pr.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    pr.add_argument("--decode", default="argmax", choices=DECODINGS, help=DECODE_HELP)
+    pr.add_argument("--decode", choices=DECODINGS, help=DECODE_HELP)
     pr.add_argument("--device")
 
     pa = sub.add_parser(
@@ -246,7 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("run", type=Path)
     pu.add_argument("--repo-id", required=True, help="user/name on the Hub")
     pu.add_argument("--private", action="store_true")
+
+    pl = sub.add_parser(
+        "plot",
+        help="draw validation F1 against wall-clock minutes, one line per run",
+        description="Validation F1 after each evaluation against the minutes since each run began (training and "
+        "evaluations), one line per run; a star marks the kept epoch, the legend gives test F1. A run still "
+        "training is read from its checkpoint.",
+        epilog="example:\n  loratag plot runs/guide runs/bionlp --out curves.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    pl.add_argument("--out", required=True, type=Path, help="image to write (.png, .svg or .pdf)")
+    pl.add_argument("--title", help="title of the figure")
     return p
+
+
+def _process_started() -> float:
+    """``time.monotonic()`` at this process's start (Linux: from /proc, so the interpreter's start-up and the imports
+    count against a --time-budget too); now where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
 
 
 def _cmd_train(args) -> None:
@@ -258,7 +286,9 @@ def _cmd_train(args) -> None:
     cfg = Config() if args.resume else _config_from_args(args)
     if not args.resume and not cfg.data:
         raise ValueError("--data is required (a hub dataset name or a local folder)")
-    out = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    out = train(
+        cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, started=_process_started()
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     summary = {
         "run": str(out),
@@ -403,6 +433,12 @@ def _cmd_serve(args) -> None:
     run(pool, args.host, args.port, settings)
 
 
+def _cmd_plot(args) -> None:
+    from .plot import plot_runs
+
+    print(plot_runs(args.runs, args.out, title=args.title))
+
+
 def _cmd_push(args) -> None:
     from .hub import push
 
@@ -417,6 +453,7 @@ COMMANDS = {
     "export": _cmd_export,
     "serve": _cmd_serve,
     "push": _cmd_push,
+    "plot": _cmd_plot,
 }
 
 
