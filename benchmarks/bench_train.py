@@ -150,7 +150,9 @@ def guide_arm(a) -> dict:
         test_metrics = trainer.evaluate(test, metric_key_prefix="test")
         if a.save_adapter:  # the adapter as the guide shares it: PEFT files only, no label list
             model.save_pretrained(a.save_adapter)
+    val_f1 = [e["eval_f1"] for e in trainer.state.log_history if "eval_f1" in e]
     return {
+        "validation_f1_by_epoch": val_f1,
         "tokens_per_s": train_tokens * a.epochs / EpochTimer.seconds,
         "train_s": EpochTimer.seconds,
         "train_tokens_per_epoch": train_tokens,

@@ -1,0 +1,199 @@
+"""The training study: which settings give the best model per CPU-minute on the full BioNLP2004.
+
+Every arm trains on train, keeps the best epoch by validation F1 and scores test once, in a fresh process, alone
+(two PyTorch processes on two cores slow each other ~10x). Arms change one thing at a time from the guide's recipe,
+then combine what helped. Each arm's result is appended to a JSON Lines file as soon as it ends, and arms already
+there are skipped, so the study survives a session's end; run it in the background:
+
+    nohup python benchmarks/bench_quality.py --arms parity-guide-s42,parity-loratag-s42 &
+    python benchmarks/bench_quality.py --list                 # the arms and what each changes
+    python benchmarks/bench_quality.py --table                # the table so far (markdown)
+
+Recorded per arm: wall minutes of the whole training process (evaluations included), training tokens/s, validation
+F1 per epoch (argmax and constrained decoding), the kept epoch, test P/R/F1 with both decodings, per-type test F1,
+the CPU's flags and the matmul peak measured when the arm ran. Test F1 is reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_facts, matmul_peak, run_arm  # noqa: E402
+
+DATA = os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004")
+
+# the guide's recipe in loratag's flags (the parity arm); every other arm starts from a named arm and changes flags
+GUIDE = {
+    "--bias": "all",
+    "--lora-r": "16",
+    "--lora-alpha": "16",
+    "--lora-dropout": "0.1",
+    "--lr": "1e-3",
+    "--batch-size": "16",
+    "--weight-decay": "0.01",
+    "--warmup-ratio": "0",
+    "--precision": "fp32",
+    "--length-grouping": "false",
+    "--low-precision-weights": "false",
+    "--decode": "argmax",
+    "--epochs": "1",
+}
+FAST = {"--precision": "bf16", "--length-grouping": "true", "--low-precision-weights": "true"}
+TUNED = {"--target-modules": "query,key,value,dense", "--lr": "2e-3", "--warmup-ratio": "0.06"}
+
+# name -> (what it changes, based on, flags); "guide" arms run the guide's own code (benchmarks/bench_train.py)
+ARMS: dict[str, tuple[str, str | None, dict]] = {
+    "parity-guide-s42": ("the guide's code (Trainer + PEFT), 1 epoch, seed 42", "guide", {"seed": 42}),
+    "parity-guide-s43": ("the guide's code, 1 epoch, seed 43", "guide", {"seed": 43}),
+    "parity-loratag-s42": ("loratag with the guide's settings, 1 epoch, seed 42", None, {"--seed": "42"}),
+    "parity-loratag-s43": ("loratag with the guide's settings, 1 epoch, seed 43", None, {"--seed": "43"}),
+    "fast-1ep": ("parity + bf16 + length grouping + bf16-resident weights", "parity-loratag-s42", FAST),
+    "fast-fp32-1ep": ("fast-1ep in fp32 (bf16 off)", "fast-1ep", {"--precision": "fp32"}),
+    "fast-resident-off-1ep": (
+        "fast-1ep, frozen weights cast at every step",
+        "fast-1ep",
+        {"--low-precision-weights": "false"},
+    ),
+    "bias-none-1ep": ("fast-1ep with bias none", "fast-1ep", {"--bias": "none"}),
+    "bias-lora-only-1ep": ("fast-1ep with bias lora_only", "fast-1ep", {"--bias": "lora_only"}),
+    "all-linear-1ep": (
+        "fast-1ep with LoRA on every Linear",
+        "fast-1ep",
+        {"--target-modules": "query,key,value,dense"},
+    ),
+    "tuned-3ep": ("all-linear, lr 2e-3, warmup 6%, 3 epochs decaying to 0", "fast-1ep", {**TUNED, "--epochs": "3"}),
+    "tuned-top4-3ep": ("tuned-3ep, LoRA on the top 4 layers, 2 cached", "tuned-3ep", {"--lora-top-layers": "4"}),
+    "tuned-top3-3ep": ("tuned-3ep, LoRA on the top 3 layers, 3 cached", "tuned-3ep", {"--lora-top-layers": "3"}),
+    "tuned-top2-3ep": ("tuned-3ep, LoRA on the top 2 layers, 4 cached", "tuned-3ep", {"--lora-top-layers": "2"}),
+    "tuned-top3-5ep": ("tuned-top3 for 5 epochs", "tuned-top3-3ep", {"--epochs": "5"}),
+    "tuned-top4-5ep": ("tuned-top4 for 5 epochs", "tuned-top4-3ep", {"--epochs": "5"}),
+    "tuned-top3-lr3e-3-5ep": ("tuned-top3-5ep with lr 3e-3", "tuned-top3-5ep", {"--lr": "3e-3"}),
+    "tuned-top3-lr1e-3-5ep": ("tuned-top3-5ep with lr 1e-3", "tuned-top3-5ep", {"--lr": "1e-3"}),
+    "tuned-top3-r32-5ep": (
+        "tuned-top3-5ep with r 32, alpha 32",
+        "tuned-top3-5ep",
+        {"--lora-r": "32", "--lora-alpha": "32"},
+    ),
+    "tuned-top3-rslora-5ep": ("tuned-top3-5ep with rsLoRA", "tuned-top3-5ep", {"--rslora": "true"}),
+    "tuned-top3-loraplus-5ep": ("tuned-top3-5ep with LoRA+ (B lr x4)", "tuned-top3-5ep", {"--lora-plus-ratio": "4"}),
+    "tuned-top3-random-5ep": ("tuned-top3-5ep, random batches", "tuned-top3-5ep", {"--length-grouping": "false"}),
+}
+
+
+def flags_of(name: str) -> dict:
+    desc, base, flags = ARMS[name]
+    if base == "guide":
+        return {}
+    return {**(GUIDE if base is None else flags_of(base)), **flags}
+
+
+def loratag_arm(name: str, runs: Path) -> dict:
+    """``loratag train`` with the arm's flags, as a user runs it; the record comes from the run directory."""
+    out = runs / name
+    cmd = [sys.executable, "-m", "loratag", "train", "--data", DATA, "--out", str(out), "--overwrite"]
+    for k, v in flags_of(name).items():
+        cmd += [k, v]
+    cmd += ["--checkpoint-minutes", "0"]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - started
+    m = json.loads((out / "metrics.json").read_text())
+    facts = json.loads((out / "config.json").read_text())["run"]
+    epochs = m["epochs"]
+    test = m["test"]
+    return {
+        "wall_minutes": round(wall / 60, 2),
+        "train_minutes": round(sum(e["train_seconds"] for e in epochs) / 60, 2),
+        "tokens_per_s": round(sum(e["train_tokens"] for e in epochs) / sum(e["train_seconds"] for e in epochs), 1),
+        "validation_f1": [round(e["validation"]["f1"], 4) for e in epochs],
+        "validation_f1_constrained": [round(e["validation"]["by_decode"]["constrained"]["f1"], 4) for e in epochs],
+        "best_epoch": m["best_epoch"],
+        "test": {d: {k: round(v[k], 4) for k in ("precision", "recall", "f1")} for d, v in test["by_decode"].items()},
+        "test_per_type_f1": {k: round(v["f1"], 4) for k, v in test["per_type"].items()},
+        "trainable_params": facts["trainable_params"],
+        "cached_layers": facts["cached_layers"],
+        "autocast": facts["autocast"],
+        "run": str(out),
+    }
+
+
+def guide_arm(name: str, runs: Path) -> dict:
+    seed = ARMS[name][2]["seed"]
+    started = time.perf_counter()
+    r = run_arm(
+        str(Path(__file__).parent / "bench_train.py"), "guide", ["--data", DATA, "--epochs", "1", "--seed", str(seed)]
+    )
+    return {
+        "wall_minutes": round((time.perf_counter() - started) / 60, 2),
+        "train_minutes": round(r["train_s"] / 60, 2),
+        "tokens_per_s": round(r["tokens_per_s"], 1),
+        "validation_f1": [round(f, 4) for f in r.get("validation_f1_by_epoch", [])],
+        "best_epoch": 1,
+        "test": {"argmax": {k: round(r[f"test_{k}"], 4) for k in ("precision", "recall", "f1")}},
+        "train_tokens_per_epoch": r["train_tokens_per_epoch"],
+        "autocast": "fp32",
+    }
+
+
+def done(results: Path) -> set[str]:
+    if not results.is_file():
+        return set()
+    return {json.loads(line)["arm"] for line in results.read_text().splitlines() if line.strip()}
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    out = [
+        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test F1 argmax | test F1 constrained |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        c = r["test"].get("constrained", {}).get("f1")
+        out.append(
+            f"| {r['arm']} | {r['changes']} | {r['wall_minutes']} | {r['tokens_per_s']:.0f} | "
+            f"{' '.join(f'{f:.4f}' for f in r['validation_f1'])} | {r['best_epoch']} | "
+            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", help="comma-separated arm names, run in this order")
+    p.add_argument("--results", type=Path, help="JSON Lines file [default: benchmarks/results/quality-<cpu>.jsonl]")
+    p.add_argument("--runs", type=Path, default=Path("/work/study/runs"), help="where the arms' run directories go")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--table", action="store_true")
+    a = p.parse_args()
+    facts = cpu_facts()
+    results = a.results or Path(__file__).parent / "results" / f"quality-{facts['bf16'].replace('_', '')}.jsonl"
+    if a.list:
+        for name, (desc, _, _) in ARMS.items():
+            print(f"{name:28} {desc}\n{'':28} {' '.join(f'{k} {v}' for k, v in flags_of(name).items())}")
+        return
+    if a.table:
+        print(table(results))
+        return
+    for name in (a.arms or "").split(","):
+        if not name or name in done(results):
+            continue
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; see --list")
+        peak = matmul_peak()
+        record = (guide_arm if ARMS[name][1] == "guide" else loratag_arm)(name, a.runs)
+        entry = {"arm": name, "changes": ARMS[name][0], "flags": flags_of(name), **record}
+        entry.update(cpu=facts, matmul_peak_gflops=peak, date=time.strftime("%Y-%m-%d %H:%M"))
+        with results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+
+if __name__ == "__main__":
+    main()
