@@ -132,8 +132,8 @@ def _param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float 
     ]
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_state(trainable: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in trainable}
 
 
 def _save_checkpoint(out: Path, payload: dict) -> None:
@@ -271,6 +271,9 @@ class _Run:
         train_set = self.corpus.splits["train"][: t.max_train_sentences]
         self.tokenizer = load_tokenizer(resolve_model(cfg.model))
         self.model = build_model(cfg, self.labels).to(device)
+        # by their names in the whole model: a checkpoint inside an epoch is written while the cached layers are cut
+        # out of it, when named_parameters() would number the remaining layers from 0
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.max_length = min(t.max_length or 10**9, model_max_length(self.tokenizer, self.model.config))
         windows, windowed = encode(self.tokenizer, [s.tokens for s in train_set], self.max_length, progress=progress)
         self.windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn
@@ -281,7 +284,8 @@ class _Run:
         self._plans: dict[int, list[list[int]]] = {}
         self.cache, self.below = None, 0
         if cfg.lora.top_layers is not None:
-            self.below = len(encoder_layers(self.model)[1]) - cfg.lora.top_layers
+            n = len(encoder_layers(self.model)[1])
+            self.below = n - cfg.lora.adapted_layers(n)
             cache_started = time.monotonic()
             self.cache = LayerCache.build(
                 self.model, self.windows, self.below, self.pad, self.dtype, device, t.eval_batch_size, progress
@@ -304,6 +308,9 @@ class _Run:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False,
                 gradient_as_bucket_view=True,
+                # the model's buffers (position ids) are constants, the same on every rank; and while the cached
+                # layers are cut out of the model, so are the embeddings' buffers DDP would broadcast
+                broadcast_buffers=False,
             )
         trainable, total = count_parameters(self.model)
         per_process = f"<= {t.batch_tokens} tokens" if t.batch_tokens else t.batch_size
@@ -321,6 +328,7 @@ class _Run:
             "trainable_params": trainable,
             "all_params": total,
             "cached_layers": self.below,
+            "adapted_layers": len(encoder_layers(self.model)[1]) - self.below if self.cache is not None else "all",
             "cache_bytes": self.cache.nbytes if self.cache is not None else 0,
             "torch_threads": torch.get_num_threads(),
         }
@@ -418,7 +426,7 @@ class _Run:
         mine = rows[self.dist.rank :: self.dist.world] or rows[:1]
         return len(mine) * -(-max(self.lengths[i] for i in mine) // 8) * 8
 
-    def _seconds_per_padded_token(self, sample: int = 14, warm: int = 2) -> float:
+    def _seconds_per_padded_token(self, sample: int = 24, warm: int = 2) -> float:
         """Forward and backward passes (no optimizer step; the gradients are thrown away) on a random sample of
         the first epoch's batches; the RNG is put back, so the run trains as it would have."""
         rng = torch.get_rng_state()
@@ -450,7 +458,13 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_af
     """The recipe: set up; plan the schedule (or resume it); then for each epoch train, evaluate, keep the best
     and checkpoint; finally score the best adapter on test and write the run directory."""
     run = _Run(cfg, out, resume, progress, device, dist, started)
-    state, tallies, opt = _start_or_resume(run, resume)
+    with low_precision_weights(run.model, run.dtype, cfg.train.low_precision_weights):
+        return _loop(run, resume, stop_after_steps)
+
+
+def _loop(run: _Run, resume: bool, stop_after_steps: int | None) -> tuple[Path, Tagger]:
+    cfg, dist, out = run.cfg, run.dist, run.out
+    state, tallies, opt = _start_or_resume(run, resume)  # a --time-budget plan times steps as they will run
     mine = tallies[dist.rank]
     if dist.main:
         write_json(out / "config.json", {**cfg.to_dict(), "run": {**run.facts, "steps_per_epoch": state.steps}})
@@ -461,15 +475,14 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, device, stop_af
     log.info("effective batch: %s (%d process(es)), %d steps", run.facts["effective_batch"], dist.world,
              sum(state.steps))  # fmt: skip
 
-    with low_precision_weights(run.model, run.dtype, cfg.train.low_precision_weights):
-        while state.epoch < len(state.steps) and not state.stopped_early:
-            _train_epoch(run, opt, state, mine, stop_after_steps)
-            _evaluate_epoch(run, state, mine)
-            mine = Tally()
-            _checkpoint(run, opt, state, mine)
-            if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                break
-        return _finish(run, state)
+    while state.epoch < len(state.steps) and not state.stopped_early:
+        _train_epoch(run, opt, state, mine, stop_after_steps)
+        _evaluate_epoch(run, state, mine)
+        mine = Tally()
+        _checkpoint(run, opt, state, mine)
+        if stop_after_steps is not None and state.global_step >= stop_after_steps:
+            break
+    return _finish(run, state)
 
 
 def _start_or_resume(run: _Run, resume: bool) -> tuple[TrainState, list[Tally], _Optimizer]:
@@ -491,7 +504,7 @@ def _start_or_resume(run: _Run, resume: bool) -> tuple[TrainState, list[Tally], 
         run.started -= state.spent_seconds  # a time budget counts the wall time before the crash too
     opt = _Optimizer.build(run.model, run.cfg.train, sum(state.steps), run.device, run.dtype)
     if saved is not None:
-        params = dict(run.model.named_parameters())
+        params = dict(run.trainable)
         with torch.no_grad():
             for n, v in saved["trainable"].items():
                 params[n].copy_(v)
@@ -576,7 +589,7 @@ def _checkpoint(run: _Run, opt: _Optimizer, state: TrainState, mine: Tally) -> N
     ranks = run.dist.gather({**asdict(mine), "rng": torch.get_rng_state()})
     state.spent_seconds = run.elapsed()
     if run.dist.main:
-        payload = {"state": asdict(state), "trainable": _trainable_state(run.model), "ranks": ranks}
+        payload = {"state": asdict(state), "trainable": _trainable_state(run.trainable), "ranks": ranks}
         _save_checkpoint(run.out, {**payload, "optimizer": opt.state_dict()})
 
 
