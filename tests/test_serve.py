@@ -5,17 +5,18 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loratag.config import Config, LoraSettings, TrainConfig
+from loratag.config import Config
 from loratag.inference import Tagger
 from loratag.serve import AdapterPool, ServeSettings, create_app, parse_runs
 from loratag.train import train
 
-from .conftest import RESOURCES
+from .conftest import RESOURCES, guide_lora, guide_train
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -32,8 +33,8 @@ def _cfg(base: Path, data=RESOURCES / "tiny", bias="none", seed=0, lr=0.05, epoc
     return Config(
         model=str(base),
         data=str(data),
-        lora=LoraSettings(r=4, alpha=8, bias=bias),
-        train=TrainConfig(lr=lr, batch_size=4, epochs=epochs, seed=seed, checkpoint_minutes=0),
+        lora=guide_lora(r=4, alpha=8, bias=bias),
+        train=guide_train(lr=lr, batch_size=4, epochs=epochs, seed=seed, checkpoint_minutes=0),
     )
 
 
@@ -321,3 +322,18 @@ def test_peft_mixed_batch_path_gives_the_same_answers(runs, monkeypatch):
     with ThreadPoolExecutor(2) as ex:  # PEFT's path from two threads: serialised, still right
         results = list(ex.map(lambda k: plain.tag(adapters[k:], texts[k:]), [0, 1]))
     same([d.to_dict() for d in results[1]], [d.to_dict() for d in stacked.tag(adapters[1:], texts[1:])])
+
+
+def test_serves_a_top_layers_run_with_trained_biases_and_its_own_decoding(runs, tiny_bert, tmp_path):
+    """The study's kind of run (LoRA and biases on the top layer only, constrained decoding) served beside a
+    plain one: each answers as it does alone, decoded as its run chose."""
+    cfg = _cfg(tiny_bert, bias="all", lr=0.03, epochs=3)
+    cfg = replace(cfg, lora=replace(cfg.lora, top_layers=1), train=replace(cfg.train, decode="constrained"))
+    top = train(cfg, tmp_path / "top", progress=False)
+    pool = AdapterPool([(runs[0], "genes"), (top, "top")])
+    assert (pool.adapters["top"].decode, pool.adapters["top"].bias) == ("constrained", "all")
+    assert pool.adapters["genes"].decode == "argmax"
+    for name, run in (("genes", runs[0]), ("top", top)):
+        same([d.to_dict() for d in pool.tag([name] * len(TEXTS), TEXTS)], alone(run, TEXTS))
+    mixed = pool.tag(["top", "genes"] * 2, TEXTS[:4])
+    same([d.to_dict() for d in mixed[::2]], alone(top, TEXTS[:4:2]))

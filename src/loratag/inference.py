@@ -208,17 +208,23 @@ class Tagger:
         progress: bool = False,
         adapters: Sequence[str] | None = None,
         label_sets: Sequence[LabelSet] | None = None,
+        decodes: Sequence[str] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
-        """Per sentence, IOB2 labels and their probabilities (``label_sets``: one per sentence, when adapters
-        differ). ``decode`` "argmax": each word's most probable label, an I-X that opens an entity read as B-X, as
-        conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after O or another
-        type)."""
-        return self._decode(self.word_logits(sentences, progress, adapters), label_sets)
+        """Per sentence, IOB2 labels and their probabilities (``label_sets``, ``decodes``: one per sentence, when
+        adapters differ). Decoding "argmax": each word's most probable label, an I-X that opens an entity read as
+        B-X, as conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after O or
+        another type)."""
+        return self._decode(self.word_logits(sentences, progress, adapters), label_sets, decodes)
 
     def _decode(
-        self, word_logits: list[torch.Tensor], label_sets: Sequence[LabelSet] | None = None, decode: str | None = None
+        self,
+        word_logits: list[torch.Tensor],
+        label_sets: Sequence[LabelSet] | None = None,
+        decode: str | Sequence[str] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
+        """``decode``: one decoding for all sentences, or one per sentence; default: the Tagger's."""
         decode = decode or self.decode
+        per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
         out = []
         for i, logits in enumerate(word_logits):
             if not len(logits):
@@ -226,7 +232,7 @@ class Tagger:
                 continue
             names = (label_sets[i] if label_sets is not None else self.labels).labels
             logp = logits.log_softmax(-1)
-            if decode == "constrained":
+            if per_sentence[i] == "constrained":
                 ids = torch.tensor(viterbi(logp, names))
             else:
                 ids = logp.argmax(-1)
@@ -257,10 +263,11 @@ class Tagger:
         progress: bool = False,
         adapters: Sequence[str] | None = None,
         label_sets: Sequence[LabelSet] | None = None,
+        decodes: Sequence[str] | None = None,
     ) -> list[TaggedDocument]:
         """Raw texts -> sentences -> words with offsets -> labels -> entities. All sentences of all texts are
         batched together (sorted by length); entity offsets point into each original text. ``adapters`` and
-        ``label_sets``: one per text, for a model holding several adapters."""
+        ``label_sets`` and ``decodes``: one per text, for a model holding several adapters."""
         docs, flat = [], []
         for d, text in enumerate(texts):
             docs.append(TaggedDocument(text))
@@ -271,6 +278,7 @@ class Tagger:
             progress,
             None if adapters is None else [adapters[d] for d, _ in flat],
             None if label_sets is None else [label_sets[d] for d, _ in flat],
+            None if decodes is None else [decodes[d] for d, _ in flat],
         )
         for (d, sentence), (labels, scores) in zip(flat, predictions):
             doc = docs[d]

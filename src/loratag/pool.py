@@ -36,6 +36,7 @@ class Adapter:
     metrics: dict = field(default_factory=dict)
     bias: str = "none"
     adapter_dir: Path | None = None
+    decode: str = "argmax"  # the run's --decode (what it chose its epoch by); argmax for plain PEFT adapters
 
 
 def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Path, str]]:
@@ -76,7 +77,8 @@ def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) 
     if n != len(labels):
         raise ValueError(f"{path}: the classifier head has {n} classes but the label set has {len(labels)}")
     needed = base or (cfg.model if cfg is not None else adapter_base(adapter_dir))
-    adapter = Adapter(name, path, labels, metrics, acfg.get("bias", "none"), adapter_dir)
+    decode = cfg.train.decode if cfg is not None else "argmax"
+    adapter = Adapter(name, path, labels, metrics, acfg.get("bias", "none"), adapter_dir, decode)
     return adapter, resolve_model(needed)
 
 
@@ -205,5 +207,7 @@ class AdapterPool:
         """One forward pass (in sorted batches) over texts of any adapters; threads may call it side by side
         (PEFT's own mixed-batch path then runs one call at a time)."""
         label_sets = [self.adapters[a].labels for a in adapters]
+        decodes = [self.adapters[a].decode for a in adapters]
         with self._serial:
-            return self._thread_tagger().tag_documents(texts, adapters=adapters, label_sets=label_sets)
+            tagger = self._thread_tagger()
+            return tagger.tag_documents(texts, adapters=adapters, label_sets=label_sets, decodes=decodes)

@@ -90,6 +90,7 @@ class AdapterOut(BaseModel):
     name: str
     labels: list[str]
     bias: str = Field(description="which biases the adapter trained: none, all or lora_only")
+    decode: str = Field(description="how its labels are decoded: argmax, or constrained (valid IOB2 only)")
     metrics: dict
 
 
@@ -215,7 +216,13 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
         """The adapters this server holds, their labels, which biases they trained, and their test metrics."""
         return {
             "adapters": [
-                {"name": a.name, "labels": list(a.labels.labels), "bias": a.bias, "metrics": a.metrics}
+                {
+                    "name": a.name,
+                    "labels": list(a.labels.labels),
+                    "bias": a.bias,
+                    "decode": a.decode,
+                    "metrics": a.metrics,
+                }
                 for a in pool.adapters.values()
             ]
         }
