@@ -32,6 +32,10 @@ DATA = os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004")
 # the guide's recipe in loratag's flags (the parity arm); every other arm starts from a named arm and changes flags
 GUIDE = {
     "--bias": "all",
+    "--target-modules": "none",  # PEFT's default for the architecture: query, value
+    "--lora-top-layers": "none",
+    "--rslora": "false",
+    "--lora-plus-ratio": "1",
     "--lora-r": "16",
     "--lora-alpha": "16",
     "--lora-dropout": "0.1",
@@ -73,6 +77,15 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "tuned-top3-3ep": ("tuned-3ep, LoRA on the top 3 layers, 3 cached", "tuned-3ep", {"--lora-top-layers": "3"}),
     "tuned-top2-3ep": ("tuned-3ep, LoRA on the top 2 layers, 4 cached", "tuned-3ep", {"--lora-top-layers": "2"}),
     "tuned-top3-5ep": ("tuned-top3 for 5 epochs", "tuned-top3-3ep", {"--epochs": "5"}),
+    "tuned-top4-4ep": ("tuned-top4 for 4 epochs", "tuned-top4-3ep", {"--epochs": "4"}),
+    "tuned-nodrop-2ep": (
+        "all-linear on every layer, LoRA dropout 0, 2 epochs",
+        "tuned-3ep",
+        {"--lora-dropout": "0", "--epochs": "2"},
+    ),
+    "tuned-top3-nodrop-5ep": ("tuned-top3-5ep, LoRA dropout 0", "tuned-top3-5ep", {"--lora-dropout": "0"}),
+    "tuned-top4-nodrop-4ep": ("tuned-top4-4ep, LoRA dropout 0", "tuned-top4-4ep", {"--lora-dropout": "0"}),
+    "tuned-top3-nodrop-lr3e-3-5ep": ("tuned-top3-nodrop-5ep, lr 3e-3", "tuned-top3-nodrop-5ep", {"--lr": "3e-3"}),
     "tuned-top4-5ep": ("tuned-top4 for 5 epochs", "tuned-top4-3ep", {"--epochs": "5"}),
     "tuned-top3-lr3e-3-5ep": ("tuned-top3-5ep with lr 3e-3", "tuned-top3-5ep", {"--lr": "3e-3"}),
     "tuned-top3-lr1e-3-5ep": ("tuned-top3-5ep with lr 1e-3", "tuned-top3-5ep", {"--lr": "1e-3"}),

@@ -121,14 +121,25 @@ def tiny_roberta(tmp_path_factory) -> Path:
     return d
 
 
+def guide_lora(**kw) -> LoraSettings:
+    """LoRA as the guide lays it out (every layer, PEFT's default modules, dropout 0.1), whatever loratag's defaults:
+    the tests of saving, serving and resuming pin it; the defaults have their own tests."""
+    return LoraSettings(**{"target_modules": None, "top_layers": None, "dropout": 0.1, "bias": "none", **kw})
+
+
+def guide_train(**kw) -> TrainConfig:
+    """Training settings of the tests: loratag's loop with the guide's schedule (no warmup) and argmax decoding."""
+    return TrainConfig(**{"warmup_ratio": 0.0, "decode": "argmax", **kw})
+
+
 @pytest.fixture
 def tiny_cfg(tiny_bert) -> Config:
     """Settings for a run of a few seconds on the tiny BERT and the tiny corpus."""
     return Config(
         model=str(tiny_bert),
         data=str(RESOURCES / "tiny"),
-        lora=LoraSettings(r=4, alpha=8, dropout=0.1, bias="none"),
-        train=TrainConfig(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0, precision="fp32"),
+        lora=guide_lora(r=4, alpha=8, dropout=0.1, bias="none"),
+        train=guide_train(lr=5e-3, batch_size=4, epochs=2, eval_batch_size=4, checkpoint_minutes=0, precision="fp32"),
     )
 
 

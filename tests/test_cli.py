@@ -63,9 +63,13 @@ def test_help_teaches(capsys):
 
 def test_params_roberta_large_guide(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(ROBERTA_LARGE))
-    code, out, _ = run(capsys, "params", "--model", tmp_path, "--bias", "all", "--lora-r", 16, "--lora-alpha", 16)
+    guide = Path(__file__).parents[1] / "configs/bionlp2004-guide.json"
+    code, out, _ = run(capsys, "params", "--config", guide, "--model", tmp_path)
     assert code == 0
     assert out.startswith("trainable params: 1,855,499 || all params: 355,905,558 || trainable%: 0.52")
+    # loratag's defaults on the same architecture: LoRA on every Linear of the top 12 of 24 layers, their biases
+    code, out, _ = run(capsys, "params", "--model", tmp_path)
+    assert code == 0 and not out.startswith("trainable params: 1,855,499")
 
 
 @pytest.mark.parametrize(

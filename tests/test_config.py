@@ -22,18 +22,32 @@ def test_shipped_config_loads(path):
 
 
 def test_guide_config_is_the_guide():
-    cfg = Config.load(Path(__file__).parents[1] / "configs/bionlp2004-guide.json")
-    assert (cfg.model, cfg.data) == ("roberta-large", "tner/bionlp2004")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (16, 16, 0.1, "all")
-    t = cfg.train
-    assert (t.lr, t.batch_size, t.epochs, t.weight_decay, t.precision, t.length_grouping) == (
-        1e-3,
-        16,
-        10,
-        0.01,
-        "fp32",
-        False,
+    """Every setting spelled out, so that loratag's own defaults (tuned by the study) never leak into the guide."""
+    path = Path(__file__).parents[1] / "configs/bionlp2004-guide.json"
+    cfg = Config.load(path)
+    guide = Config(
+        model="roberta-large",
+        data="tner/bionlp2004",
+        lora=LoraSettings(r=16, alpha=16, dropout=0.1, bias="all", target_modules=None, top_layers=None, rslora=False),
+        train=TrainConfig(
+            lr=1e-3,
+            batch_size=16,
+            epochs=10,
+            weight_decay=0.01,
+            warmup_ratio=0.0,
+            precision="fp32",
+            length_grouping=False,
+            eval_batch_size=16,
+            lora_plus_ratio=1.0,
+            low_precision_weights=False,
+            decode="argmax",
+            time_budget=None,
+        ),
     )
+    assert cfg == guide
+    written = json.loads(path.read_text())
+    assert set(written["lora"]) == set(json.loads(json.dumps(guide.to_dict()))["lora"])  # no field left to defaults
+    assert set(written["train"]) == set(guide.to_dict()["train"])
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,18 @@ def test_top_layers_adapt_and_train_only_the_top_layers(tiny_cfg):
 def test_more_top_layers_than_the_encoder_has_is_an_error(tiny_cfg):
     with pytest.raises(ValueError, match="only 2 layers"):
         build_model(_top(tiny_cfg, k=3), LABELS)
+    with pytest.raises(ValueError, match="a count >= 1 or a fraction"):
+        _top(tiny_cfg, k=1.5)
+
+
+@pytest.mark.parametrize("spec, n, adapted", [(0.5, 6, 3), (0.5, 24, 12), (0.6, 6, 4), (0.01, 6, 1), (4, 6, 4)])
+def test_a_fraction_of_the_layers_is_the_same_share_of_any_depth(tiny_cfg, spec, n, adapted):
+    assert _top(tiny_cfg, k=spec).lora.adapted_layers(n) == adapted
+
+
+def test_the_top_half_of_a_two_layer_encoder_is_its_top_layer(tiny_cfg):
+    model = build_model(_top(tiny_cfg, k=0.5), LABELS)
+    assert list(model.peft_config["default"].layers_to_transform) == [1]
 
 
 def test_cached_lower_layers_give_the_same_logits_and_gradients(tiny_cfg, tiny_bert_nodrop):

@@ -12,7 +12,7 @@ from loratag.modeling import load_tokenizer
 from loratag.text import split_sentences, split_words
 from loratag.train import train
 
-from .conftest import RESOURCES
+from .conftest import RESOURCES, guide_lora, guide_train
 
 ADVERSARIAL = [
     "",
@@ -108,13 +108,13 @@ def test_document_three_times_the_limit_with_an_entity_on_a_window_boundary(loca
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_bert):
-    from loratag.config import Config, LoraSettings, TrainConfig
+    from loratag.config import Config
 
     cfg = Config(
         model=str(tiny_bert),
         data=str(RESOURCES / "tiny"),
-        lora=LoraSettings(r=4, alpha=8, bias="all"),
-        train=TrainConfig(lr=0.05, batch_size=4, epochs=1, checkpoint_minutes=0),
+        lora=guide_lora(r=4, alpha=8, bias="all"),
+        train=guide_train(lr=0.05, batch_size=4, epochs=1, checkpoint_minutes=0),
     )
     return train(cfg, tmp_path_factory.mktemp("runs") / "run", progress=False)
 

@@ -15,7 +15,7 @@ from loratag.modeling import cpu_bf16, resolve_precision
 from loratag.modeling import cpu_features as real_cpu_features
 from loratag.train import train_and_load
 
-from .conftest import AMX, AVX2, ZEN4
+from .conftest import AMX, AVX2, ZEN4, guide_lora, guide_train
 
 WORDS = [["IL-2", "gene", "expression", "requires", "NF-kappa", "B", "."], ["T", "cells", "express", "CD28", "."]]
 
@@ -67,15 +67,15 @@ def test_real_detection_runs_here():
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory, tiny_bert):
     """The same tiny run trained in fp32 and with bf16 autocast (same seed)."""
-    from loratag.config import Config, LoraSettings, TrainConfig
+    from loratag.config import Config
 
     from .conftest import RESOURCES
 
     base = Config(
         model=str(tiny_bert),
         data=str(RESOURCES / "tiny"),
-        lora=LoraSettings(r=4, alpha=8, bias="all"),
-        train=TrainConfig(lr=0.05, batch_size=4, epochs=2, checkpoint_minutes=0, precision="fp32"),
+        lora=guide_lora(r=4, alpha=8, bias="all"),
+        train=guide_train(lr=0.05, batch_size=4, epochs=2, checkpoint_minutes=0, precision="fp32"),
     )
     root = tmp_path_factory.mktemp("precision")
     out = {}

@@ -15,7 +15,7 @@ import pytest
 from loratag.cli import main
 from loratag.shards import MANIFEST, find_shards, predict_shards, read_manifest
 
-from .conftest import RESOURCES
+from .conftest import RESOURCES, guide_lora, guide_train
 
 WORDS = [json.loads(x)["tokens"] for x in (RESOURCES / "tiny/train.json").read_text().splitlines()]
 
@@ -30,14 +30,14 @@ def _docs(n: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_bert):
-    from loratag.config import Config, LoraSettings, TrainConfig
+    from loratag.config import Config
     from loratag.train import train
 
     cfg = Config(
         model=str(tiny_bert),
         data=str(RESOURCES / "tiny"),
-        lora=LoraSettings(r=4, alpha=8, bias="all"),
-        train=TrainConfig(lr=0.02, batch_size=4, epochs=40, checkpoint_minutes=0, precision="fp32"),
+        lora=guide_lora(r=4, alpha=8, bias="all"),
+        train=guide_train(lr=0.02, batch_size=4, epochs=40, checkpoint_minutes=0, precision="fp32"),
     )
     return train(cfg, tmp_path_factory.mktemp("shard-run") / "run", progress=False)
 

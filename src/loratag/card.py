@@ -81,7 +81,10 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
 
 def _where(cfg: Config) -> str:
     targets = ",".join(cfg.lora.target_modules) if cfg.lora.target_modules else "PEFT's default modules"
-    layers = f"top {cfg.lora.top_layers} layers" if cfg.lora.top_layers else "every layer"
+    top = cfg.lora.top_layers
+    layers = (
+        "every layer" if top is None else f"the top {top:g} layers" if top >= 1 else f"the top {top:.0%} of layers"
+    )
     return f"on {targets} of {layers}"
 
 

@@ -193,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="count trainable parameters without loading weights",
         description="Builds the model on the meta device (only config.json is read) and prints PEFT's count.",
     )
-    pa.add_argument("--model", default="minilm", help="hub name, local directory (config.json suffices), or minilm")
+    pa.add_argument("--model", help="hub name, local directory (config.json suffices), or minilm [default: minilm]")
     pa.add_argument("--num-labels", type=int, default=11, help="classifier size [default: 11, BioNLP2004]")
+    pa.add_argument(
+        "--config", type=Path, help="the model and LoRA settings of a config file (configs/bionlp2004-guide.json)"
+    )
     _add_fields(pa, LoraSettings, "lora.")
 
     ex = sub.add_parser(
@@ -392,7 +395,8 @@ def _cmd_params(args) -> None:
     from .modeling import build_model, count_parameters
 
     lora = {k[5:]: v for k, v in vars(args).items() if k.startswith("lora.")}
-    cfg = with_overrides(Config(model=args.model), {}, lora, {})
+    base = Config.load(args.config) if args.config else Config()
+    cfg = with_overrides(base, {"model": args.model} if args.model else {}, lora, {})
     if args.num_labels < 1:
         raise ValueError(f"--num-labels must be >= 1, got {args.num_labels}")
     n_types = (args.num_labels - 1) // 2

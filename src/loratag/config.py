@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,27 +23,33 @@ def _opt(default: Any, flag: str, help: str, **kw: Any) -> Any:
 class LoraSettings:
     r: int = _opt(16, "--lora-r", "LoRA rank (guide: 16)")
     alpha: float = _opt(16.0, "--lora-alpha", "LoRA scaling numerator; the update is scaled by alpha/r (guide: 16)")
-    dropout: float = _opt(0.1, "--lora-dropout", "dropout on the LoRA path (guide: 0.1)")
+    dropout: float = _opt(
+        0.0,
+        "--lora-dropout",
+        "dropout on the LoRA path (guide: 0.1). 0 by default: on a CPU each LoRA module's dropout mask costs more "
+        "than its matmuls (training ran 1.36x faster without it: MiniLM, top 3 layers, Zen 4 CPU, bf16)",
+    )
     bias: str = _opt(
-        "none",
+        "all",
         "--bias",
-        "which biases train: none | all | lora_only. The guide uses 'all'; 'none' is the default because "
-        "PEFT serves only one adapter with trainable biases on a shared base",
+        "which biases train: none | all | lora_only (guide: all; 'none' cost ~4.5 F1 on a held-out corpus). "
+        "loratag serve keeps each adapter's biases apart, so adapters with trained biases share one base",
         choices=BIASES,
     )
     target_modules: tuple[str, ...] | None = _opt(
-        None,
+        ("all-linear",),
         "--target-modules",
         "comma-separated module names to adapt, e.g. query,value, or all-linear: every Linear layer of the "
-        "encoder, not the classifier head (default: PEFT's choice for the architecture, query+value on "
-        "BERT/RoBERTa as in the guide)",
+        "encoder (attention and feed-forward), not the classifier head; none: PEFT's choice for the "
+        "architecture, query+value on BERT/RoBERTa as in the guide",
     )
-    top_layers: int | None = _opt(
-        None,
+    top_layers: float | None = _opt(
+        0.5,
         "--lora-top-layers",
-        "adapt only the top K encoder layers (LoRA and trained biases); the layers below stay frozen, and in "
-        "training their output is computed once per run and cached, so each epoch runs only the top K "
-        "(default: every layer, as the guide)",
+        "adapt only the top layers of the encoder (LoRA and trained biases): a count (3: the top 3) or a fraction "
+        "below 1 (0.5: the top half, rounded up; the same share of a 6-layer MiniLM and a 24-layer roberta-large). "
+        "The layers below stay frozen, and in training their output is computed once per run and cached, so each "
+        "epoch runs only the adapted layers. none: every layer, as the guide. Default: the top half",
     )
     rslora: bool = _opt(False, "--rslora", "rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r")
 
@@ -55,24 +62,39 @@ class LoraSettings:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if self.bias not in BIASES:
             raise ValueError(f"--bias must be one of {', '.join(BIASES)}, got {self.bias!r}")
-        if self.top_layers is not None and self.top_layers < 1:
-            raise ValueError(f"--lora-top-layers must be >= 1, got {self.top_layers}")
+        if self.top_layers is not None:
+            k = self.top_layers
+            if k <= 0 or (k >= 1 and k != int(k)):
+                raise ValueError(f"--lora-top-layers must be a count >= 1 or a fraction in (0, 1), got {k}")
+            if k >= 1:
+                object.__setattr__(self, "top_layers", int(k))
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", _split_csv(self.target_modules))
         elif self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
+    def adapted_layers(self, n: int) -> int | None:
+        """How many of an ``n``-layer encoder's top layers are adapted (None: all, no cache)."""
+        if self.top_layers is None:
+            return None
+        k = self.top_layers if self.top_layers >= 1 else math.ceil(self.top_layers * n)
+        if k > n:
+            raise ValueError(f"--lora-top-layers {k}: the encoder has only {n} layers")
+        return int(k)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = _opt(1e-3, "--lr", "peak learning rate of AdamW, linear decay after warmup (guide: 1e-3)")
+    lr: float = _opt(2e-3, "--lr", "peak learning rate of AdamW, linear decay to 0 after warmup (guide: 1e-3)")
     batch_size: int = _opt(16, "--batch-size", "sentences per training batch (guide: 16)")
     batch_tokens: int | None = _opt(
         None, "--batch-tokens", "instead of --batch-size: at most this many padded sub-word tokens per batch"
     )
-    epochs: int = _opt(10, "--epochs", "passes over the training data (guide: 10)")
+    epochs: int = _opt(
+        5, "--epochs", "passes over the training data; the learning rate reaches 0 at the end (guide: 10)"
+    )
     weight_decay: float = _opt(0.01, "--weight-decay", "AdamW weight decay (guide: 0.01)")
-    warmup_ratio: float = _opt(0.0, "--warmup-ratio", "share of the steps with a linear warmup (guide: 0)")
+    warmup_ratio: float = _opt(0.06, "--warmup-ratio", "share of the steps with a linear warmup (guide: 0)")
     max_length: int | None = _opt(
         None,
         "--max-length",
@@ -107,10 +129,10 @@ class TrainConfig:
         "them at every step (the numbers are the same: autocast rounds them identically)",
     )
     decode: str = _opt(
-        "argmax",
+        "constrained",
         "--decode",
         "how validation picks the best epoch and how the run predicts by default: argmax (each word's best "
-        "label) or constrained (the best valid IOB2 sequence)",
+        "label; guide) or constrained (the best valid IOB2 sequence: +2.6 to +3.4 validation F1 in the study)",
         choices=DECODINGS,
     )
     time_budget: float | None = _opt(

@@ -106,9 +106,7 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
         if model is None:
             raise ValueError("--lora-top-layers needs the base model to count its layers")
         n = len(encoder_layers(model)[1])
-        if lora.top_layers > n:
-            raise ValueError(f"--lora-top-layers {lora.top_layers}: the encoder has only {n} layers")
-        layers = list(range(n - lora.top_layers, n))
+        layers = list(range(n - lora.adapted_layers(n), n))
     return LoraConfig(
         task_type=TaskType.TOKEN_CLS,
         r=lora.r,
@@ -165,7 +163,7 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
     except ValueError as e:
         raise ValueError(f"--target-modules: {e}" if "lora-top-layers" not in str(e) else str(e)) from None
     if cfg.lora.top_layers is not None:
-        _freeze_below(model, cfg.lora.top_layers)
+        _freeze_below(model, cfg.lora.adapted_layers(len(encoder_layers(model)[1])))
     return model
 
 
