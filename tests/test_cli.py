@@ -67,7 +67,7 @@ def test_params_roberta_large_guide(tmp_path, capsys):
     code, out, _ = run(capsys, "params", "--config", guide, "--model", tmp_path)
     assert code == 0
     assert out.startswith("trainable params: 1,855,499 || all params: 355,905,558 || trainable%: 0.52")
-    # loratag's defaults on the same architecture: LoRA on every Linear of the top 12 of 24 layers, their biases
+    # loratag's defaults on the same architecture: LoRA on every Linear layer (attention and feed-forward)
     code, out, _ = run(capsys, "params", "--model", tmp_path)
     assert code == 0 and not out.startswith("trainable params: 1,855,499")
 

@@ -44,12 +44,13 @@ class LoraSettings:
         "architecture, query+value on BERT/RoBERTa as in the guide",
     )
     top_layers: float | None = _opt(
-        0.5,
+        None,
         "--lora-top-layers",
         "adapt only the top layers of the encoder (LoRA and trained biases): a count (3: the top 3) or a fraction "
         "below 1 (0.5: the top half, rounded up; the same share of a 6-layer MiniLM and a 24-layer roberta-large). "
         "The layers below stay frozen, and in training their output is computed once per run and cached, so each "
-        "epoch runs only the adapted layers. none: every layer, as the guide. Default: the top half",
+        "epoch runs only the adapted layers. Default: every layer (in the study, the top half with 5 epochs gave "
+        "0.7464 validation F1 in 14.1 training minutes, every layer with 2 epochs 0.7593 in 12.3)",
     )
     rslora: bool = _opt(False, "--rslora", "rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r")
 
@@ -91,7 +92,7 @@ class TrainConfig:
         None, "--batch-tokens", "instead of --batch-size: at most this many padded sub-word tokens per batch"
     )
     epochs: int = _opt(
-        5, "--epochs", "passes over the training data; the learning rate reaches 0 at the end (guide: 10)"
+        2, "--epochs", "passes over the training data; the learning rate reaches 0 at the end (guide: 10)"
     )
     weight_decay: float = _opt(0.01, "--weight-decay", "AdamW weight decay (guide: 0.01)")
     warmup_ratio: float = _opt(0.06, "--warmup-ratio", "share of the steps with a linear warmup (guide: 0)")
