@@ -78,6 +78,14 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "tuned-top2-3ep": ("tuned-3ep, LoRA on the top 2 layers, 4 cached", "tuned-3ep", {"--lora-top-layers": "2"}),
     "tuned-top3-5ep": ("tuned-top3 for 5 epochs", "tuned-top3-3ep", {"--epochs": "5"}),
     "tuned-top4-4ep": ("tuned-top4 for 4 epochs", "tuned-top4-3ep", {"--epochs": "4"}),
+    "defaults": ("loratag train with its defaults (no flags)", "defaults", {}),
+    "defaults-budget-12.28": (
+        "the defaults with --time-budget 12.28 (1/10 of the guide's 10 epochs)",
+        "defaults",
+        {"--time-budget": "12.28"},
+    ),
+    "defaults-budget-15": ("the defaults with --time-budget 15", "defaults", {"--time-budget": "15"}),
+    "defaults-budget-5": ("the defaults with --time-budget 5", "defaults", {"--time-budget": "5"}),
     "tuned-nodrop-2ep": (
         "all-linear on every layer, LoRA dropout 0, 2 epochs",
         "tuned-3ep",
@@ -104,6 +112,8 @@ def flags_of(name: str) -> dict:
     desc, base, flags = ARMS[name]
     if base == "guide":
         return {}
+    if base == "defaults":
+        return dict(flags)
     return {**(GUIDE if base is None else flags_of(base)), **flags}
 
 
@@ -116,8 +126,14 @@ def loratag_arm(name: str, runs: Path) -> dict:
     cmd += ["--checkpoint-minutes", "0"]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.perf_counter() - started
+    return record_of(out, time.perf_counter() - started)
+
+
+def record_of(out: Path, wall: float | None = None) -> dict:
+    """An arm's record from its run directory (``wall``: seconds of the whole process as the parent timed it;
+    else the run's own count from its process start, metrics.json ``wall_seconds``)."""
     m = json.loads((out / "metrics.json").read_text())
+    wall = m["wall_seconds"] if wall is None else wall
     facts = json.loads((out / "config.json").read_text())["run"]
     epochs = m["epochs"]
     test = m["test"]
@@ -134,6 +150,7 @@ def loratag_arm(name: str, runs: Path) -> dict:
         "cached_layers": facts["cached_layers"],
         "autocast": facts["autocast"],
         "run": str(out),
+        "time_budget": m.get("time_budget"),
     }
 
 
@@ -184,6 +201,7 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("/work/study/runs"), help="where the arms' run directories go")
     p.add_argument("--list", action="store_true")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--adopt", metavar="ARM", help="record ARM from its finished run directory (a parent that died)")
     a = p.parse_args()
     facts = cpu_facts()
     results = a.results or Path(__file__).parent / "results" / f"quality-{facts['bf16'].replace('_', '')}.jsonl"
@@ -193,6 +211,18 @@ def main() -> None:
         return
     if a.table:
         print(table(results))
+        return
+    if a.adopt:
+        entry = {
+            "arm": a.adopt,
+            "changes": ARMS[a.adopt][0],
+            "flags": flags_of(a.adopt),
+            **record_of(a.runs / a.adopt),
+        }
+        entry.update(cpu=facts, date=time.strftime("%Y-%m-%d %H:%M"), timed_by="the run (metrics.json wall_seconds)")
+        with results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry))
         return
     for name in (a.arms or "").split(","):
         if not name or name in done(results):

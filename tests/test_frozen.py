@@ -185,9 +185,47 @@ def test_a_budgeted_run_records_its_plan_and_stops_at_the_deadline(tiny_cfg, tmp
     """The deadline check: a run whose plan is too optimistic stops training when the deadline passes, then
     still evaluates, keeps the best and scores test."""
     monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)  # plans far more steps than fit
+    monkeypatch.setattr(_Run, "replan", lambda self, *a: None)  # and never learns better
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
     run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     budget = metrics["time_budget"]
     assert budget["stopped_early"] and sum(budget["planned_steps"]) > sum(e["steps"] for e in metrics["epochs"])
     assert metrics["test"]["f1"] >= 0 and metrics["best_epoch"] is not None
+
+
+def test_a_budgeted_run_plans_again_from_what_its_epochs_really_took(tiny_cfg, tmp_path, monkeypatch):
+    """A first plan resting on a far too fast sample is replaced after the first epoch by one from the measured
+    epoch; the run then trains the new plan to its end (where the learning rate reaches 0)."""
+    monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
+    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    budget = metrics["time_budget"]
+    assert budget["replanned"] and budget["replanned"][0]["after_epoch"] == 1
+    final = budget["replanned"][-1]["steps"]
+    assert sum(final) < sum(budget["planned_steps"])  # the first plan was far too long
+    if not budget["stopped_early"]:
+        assert sum(e["steps"] for e in metrics["epochs"]) == sum(final)
+
+
+def test_the_schedule_is_transformers_linear_warmup_and_decay():
+    from transformers import get_linear_schedule_with_warmup
+
+    from loratag.config import TrainConfig
+    from loratag.train import TrainState, _Optimizer
+
+    def lrs(scheduler, optimizer, n):
+        out = []
+        for _ in range(n):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    model = torch.nn.Linear(3, 2)
+    t = TrainConfig(lr=1e-3, warmup_ratio=0.1)
+    ours = _Optimizer.build(model, t, TrainState(steps=[30, 20]), torch.device("cpu"), None)
+    theirs_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    theirs = get_linear_schedule_with_warmup(theirs_opt, 5, 50)
+    assert lrs(ours.scheduler, ours.optimizer, 50) == pytest.approx(lrs(theirs, theirs_opt, 50), abs=1e-12)

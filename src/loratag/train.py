@@ -228,12 +228,20 @@ class _Optimizer:
     scaler: torch.amp.GradScaler
 
     @classmethod
-    def build(cls, model, t, total_steps: int, device, dtype) -> _Optimizer:
-        from transformers import get_linear_schedule_with_warmup
-
+    def build(cls, model, t, state: TrainState, device, dtype) -> _Optimizer:
+        """The schedule is transformers' ``get_linear_schedule_with_warmup`` (linear warmup, then linear decay to 0
+        at the last step), written out because a budgeted run moves its last step when it plans again: the total
+        is read from the state at every step."""
         optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, t.lr, t.lora_plus_ratio), lr=t.lr)
-        warmup = math.ceil(t.warmup_ratio * total_steps)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)  # decays to zero at the end
+        warmup = math.ceil(t.warmup_ratio * sum(state.budget["planned_steps"] if state.budget else state.steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            total = sum(state.steps)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
         return cls(optimizer, scheduler, scaler)
 
@@ -378,17 +386,40 @@ class _Run:
         return self._fit_budget(t.time_budget * 60)
 
     def _fit_budget(self, budget: float) -> tuple[list[int], dict]:
-        """Time a sample of training steps and an evaluation, then take epochs (the last one possibly partial) while
-        their steps, an evaluation after each, the test evaluation and the end fit in what is left of the budget."""
+        """Time a sample of training steps and an evaluation, then plan the epochs that fit (``_fit``)."""
         per_token = max(self.dist.gather(self._seconds_per_padded_token()))
         per_sentence = max(self.dist.gather(self._seconds_per_eval_sentence()))
         val_s = 1.1 * per_sentence * len(self.corpus.splits["validation"]) / self.dist.world
         test_s = 1.1 * per_sentence * len(self.corpus.splits.get("test", [])) / self.dist.world
-        end_s = 2.0 + 0.01 * budget  # saving the adapter, the card, the exit
         setup_s = max(self.dist.gather(self.elapsed()))
-        left = budget - setup_s - test_s - end_s
+        plan = {"budget_s": budget, "setup_s": round(setup_s, 1), "test_s": round(test_s, 1), "replanned": []}
+        steps = self._fit(plan, 0, setup_s, per_token, val_s)
+        if not steps:
+            raise ValueError(
+                f"--time-budget {budget / 60:g} min is too short: setting up took {setup_s:.0f} s and evaluating "
+                f"validation and test needs ~{val_s + test_s:.0f} s, which leaves no time to train"
+            )
+        plan["planned_steps"] = steps
+        log.info(
+            "time budget %.1f min: setup %.0f s, %s steps in %d epoch(s), evaluations ~%.0f s each",
+            budget / 60, setup_s, steps, len(steps), val_s,
+        )  # fmt: skip
+        return steps, plan
+
+    def _fit(self, plan: dict, first_epoch: int, now: float, per_token: float, val_s: float) -> list[int]:
+        """Steps per epoch from ``first_epoch`` on: whole epochs (and then a partial one) while their steps, an
+        evaluation after each, the test evaluation and the end fit in what is left of the budget at ``now``
+        seconds into the run. Sets the deadline after which no training step starts."""
+        budget, test_s = plan["budget_s"], plan["test_s"]
+        end_s = 2.0 + 0.01 * budget  # saving the adapter, the card, the exit
+        left = budget - now - test_s - end_s
+        plan.update(
+            train_s_per_1k_padded_tokens=round(1000 * per_token, 4),
+            validation_s=round(val_s, 1),
+            deadline_s=round(budget - val_s - test_s - end_s, 1),
+        )
         steps: list[int] = []
-        for epoch in range(10_000):
+        for epoch in range(first_epoch, first_epoch + 10_000):
             costs = [per_token * self._padded(b) for b in self.plan(epoch)]
             if sum(costs) + val_s <= left:
                 steps.append(len(costs))
@@ -401,25 +432,21 @@ class _Run:
             if n:
                 steps.append(n)
             break
-        if not steps:
-            raise ValueError(
-                f"--time-budget {budget / 60:g} min is too short: setting up took {setup_s:.0f} s and evaluating "
-                f"validation and test needs ~{val_s + test_s:.0f} s, which leaves no time to train"
-            )
-        plan = {
-            "budget_s": budget,
-            "setup_s": round(setup_s, 1),
-            "train_s_per_1k_padded_tokens": round(1000 * per_token, 4),
-            "validation_s": round(val_s, 1),
-            "test_s": round(test_s, 1),
-            "planned_steps": steps,
-            "deadline_s": round(budget - val_s - test_s - end_s, 1),  # no training step starts after this
-        }
-        log.info(
-            "time budget %.1f min: setup %.0f s, %s steps in %d epoch(s), evaluations ~%.0f s each",
-            budget / 60, setup_s, steps, len(steps), val_s,
-        )  # fmt: skip
-        return steps, plan
+        return steps
+
+    def replan(self, state: TrainState, train_s: float, val_s: float) -> None:
+        """After an epoch of a budgeted run: plan the rest again from the time that epoch and its evaluation
+        really took (a machine's speed drifts, and the first plan rests on a sample of steps). The learning rate
+        then decays to 0 at the new end."""
+        done = state.epoch - 1
+        tokens = sum(self._padded(b) for b in self.plan(done)[: state.history[-1]["steps"]])
+        per_token = max(self.dist.gather(train_s / max(1, tokens)))
+        val_s = max(self.dist.gather(val_s))
+        now = max(self.dist.gather(self.elapsed()))
+        rest = self._fit(state.budget, state.epoch, now, per_token, val_s)
+        state.steps = state.steps[: state.epoch] + rest
+        state.budget["replanned"].append({"after_epoch": state.epoch, "at_s": round(now, 1), "steps": state.steps})
+        log.info("time budget: after epoch %d, %.0f s in: %s steps", state.epoch, now, state.steps)
 
     def _padded(self, rows: list[int]) -> int:
         """Padded sub-word tokens of a process's share of a global batch (rows x longest, rounded up to 8)."""
@@ -477,7 +504,10 @@ def _loop(run: _Run, resume: bool, stop_after_steps: int | None) -> tuple[Path, 
 
     while state.epoch < len(state.steps) and not state.stopped_early:
         _train_epoch(run, opt, state, mine, stop_after_steps)
+        evaluation_started = time.monotonic()
         _evaluate_epoch(run, state, mine)
+        if state.budget and state.epoch < len(state.steps) and not state.stopped_early:
+            run.replan(state, mine.seconds, time.monotonic() - evaluation_started)
         mine = Tally()
         _checkpoint(run, opt, state, mine)
         if stop_after_steps is not None and state.global_step >= stop_after_steps:
@@ -502,7 +532,7 @@ def _start_or_resume(run: _Run, resume: bool) -> tuple[TrainState, list[Tally], 
         if len(tallies) != run.dist.world:
             raise ValueError(f"{path}: the checkpoint was written by {len(tallies)} process(es); resume with as many")
         run.started -= state.spent_seconds  # a time budget counts the wall time before the crash too
-    opt = _Optimizer.build(run.model, run.cfg.train, sum(state.steps), run.device, run.dtype)
+    opt = _Optimizer.build(run.model, run.cfg.train, state, run.device, run.dtype)
     if saved is not None:
         params = dict(run.trainable)
         with torch.no_grad():
