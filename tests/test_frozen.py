@@ -75,7 +75,8 @@ def test_cached_lower_layers_give_the_same_logits_and_gradients(tiny_cfg, tiny_b
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     with layers_only(model, 1, None, cached_input=True):
-        top = model(**cache.batch(rows, batch["input_ids"].shape[1])).logits
+        states = cache.states(rows, batch["input_ids"].shape[1])
+        top = model(inputs_embeds=states, attention_mask=batch["attention_mask"]).logits
         top[mask].sum().backward()
     torch.testing.assert_close(top[mask], whole[mask], rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():

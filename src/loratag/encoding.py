@@ -147,12 +147,16 @@ def encode(
     return windows, windowed
 
 
+def padded_length(longest: int, multiple: int = 8) -> int:
+    """The padded length of a batch whose longest row is ``longest``: rounded up to ``multiple``."""
+    return -(-longest // multiple) * multiple
+
+
 def collate(windows: Sequence[Window], pad_id: int, labels: Sequence[Sequence[int]] | None = None, multiple: int = 8):
     """Dynamic padding to the longest window in the batch, rounded up to ``multiple``."""
     import torch
 
-    longest = max(len(w.input_ids) for w in windows)
-    length = -(-longest // multiple) * multiple
+    length = padded_length(max(len(w.input_ids) for w in windows), multiple)
     ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(windows), length), dtype=torch.long)
     for r, w in enumerate(windows):

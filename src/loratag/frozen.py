@@ -86,16 +86,13 @@ class LayerCache:
             model.train(was_training)
         return cls(flat, offsets[:-1], lengths)
 
-    def batch(self, rows: Sequence[int], length: int) -> dict[str, torch.Tensor]:
-        """Model inputs for these windows, padded to ``length`` (as ``collate`` pads the token ids):
-        ``inputs_embeds`` (fp32, as the residual stream is under autocast) and ``attention_mask``."""
+    def states(self, rows: Sequence[int], length: int) -> torch.Tensor:
+        """The cached hidden states of these windows, padded to ``length`` as ``collate`` pads their token ids, in
+        fp32 (the residual stream's dtype under autocast)."""
         states = torch.zeros(len(rows), length, self.flat.shape[1], dtype=torch.float32, device=self.flat.device)
         for j, r in enumerate(rows):
             states[j, : self.lengths[r]] = self.flat[self.offsets[r] : self.offsets[r] + self.lengths[r]]
-        mask = torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)
-        for j, r in enumerate(rows):
-            mask[j, : self.lengths[r]] = 1
-        return {"inputs_embeds": states, "attention_mask": mask}
+        return states
 
     @property
     def nbytes(self) -> int:

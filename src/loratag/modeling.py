@@ -97,9 +97,9 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
     targets = lora.target_modules
     if targets is not None and "all-linear" in targets:
         if targets != ("all-linear",):
-            raise ValueError("all-linear stands alone; do not list other modules with it")
+            raise ValueError("--target-modules: all-linear stands alone; do not list other modules with it")
         if model is None:
-            raise ValueError("all-linear needs the base model to find its Linear layers")
+            raise ValueError("--target-modules: all-linear needs the base model to find its Linear layers")
         targets = tuple(encoder_linear_names(model))
     layers = None
     if lora.top_layers is not None:
@@ -158,10 +158,11 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
             base = AutoModelForTokenClassification.from_config(mconf)
     else:
         base = load_base(path, labels)
+    config = lora_config(cfg.lora, model=base)  # its errors name their flag
     try:
-        model = get_peft_model(base, lora_config(cfg.lora, model=base))
-    except ValueError as e:
-        raise ValueError(f"--target-modules: {e}" if "lora-top-layers" not in str(e) else str(e)) from None
+        model = get_peft_model(base, config)
+    except ValueError as e:  # PEFT's: target modules not found in the base model
+        raise ValueError(f"--target-modules: {e}") from None
     if cfg.lora.top_layers is not None:
         _freeze_below(model, cfg.lora.adapted_layers(len(encoder_layers(model)[1])))
     return model

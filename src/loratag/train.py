@@ -22,7 +22,7 @@ from .card import write_card
 from .config import DECODINGS, Config
 from .data import load_corpus
 from .dist import Dist
-from .encoding import IGNORE, batches, collate, encode
+from .encoding import IGNORE, batches, collate, encode, padded_length
 from .evaluation import evaluate
 from .frozen import LayerCache, layers_only, low_precision_weights
 from .inference import Tagger
@@ -353,8 +353,9 @@ class _Run:
         """Model inputs and gold labels for these windows."""
         batch = collate([self.windows[i] for i in rows], self.pad, self.label_ids)
         gold = batch.pop("labels")
-        if self.cache is not None:
-            batch = self.cache.batch(rows, gold.shape[1])
+        if self.cache is not None:  # the hidden states below the adapted layers instead of the token ids
+            states = self.cache.states(rows, gold.shape[1])
+            batch = {"inputs_embeds": states, "attention_mask": batch["attention_mask"]}
         return {k: v.to(self.device) for k, v in batch.items()}, gold.to(self.device)
 
     def upper_layers(self):
@@ -451,7 +452,7 @@ class _Run:
     def _padded(self, rows: list[int]) -> int:
         """Padded sub-word tokens of a process's share of a global batch (rows x longest, rounded up to 8)."""
         mine = rows[self.dist.rank :: self.dist.world] or rows[:1]
-        return len(mine) * -(-max(self.lengths[i] for i in mine) // 8) * 8
+        return len(mine) * padded_length(max(self.lengths[i] for i in mine))  # as collate pads
 
     def _seconds_per_padded_token(self, sample: int = 24, warm: int = 2) -> float:
         """Forward and backward passes (no optimizer step; the gradients are thrown away) on a random sample of
