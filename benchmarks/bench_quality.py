@@ -86,6 +86,13 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     ),
     "defaults-budget-15": ("the defaults with --time-budget 15", "defaults", {"--time-budget": "15"}),
     "defaults-budget-5": ("the defaults with --time-budget 5", "defaults", {"--time-budget": "5"}),
+    "defaults-bias-none": ("the defaults with bias none (a shared base)", "defaults", {"--bias": "none"}),
+    "defaults-bias-lora-only": ("the defaults with bias lora_only", "defaults", {"--bias": "lora_only"}),
+    "defaults-top3-4ep": (
+        "the defaults with LoRA on the top 3 layers (3 cached), 4 epochs",
+        "defaults",
+        {"--lora-top-layers": "3", "--epochs": "4"},
+    ),
     "tuned-nodrop-2ep": (
         "all-linear on every layer, LoRA dropout 0, 2 epochs",
         "tuned-3ep",

@@ -203,11 +203,55 @@ def test_a_budgeted_run_plans_again_from_what_its_epochs_really_took(tiny_cfg, t
     run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     budget = metrics["time_budget"]
-    assert budget["replanned"] and budget["replanned"][0]["after_epoch"] == 1
+    assert budget["replanned"] and budget["replanned"][0]["at_step"] == metrics["epochs"][0]["steps"]
     final = budget["replanned"][-1]["steps"]
     assert sum(final) < sum(budget["planned_steps"])  # the first plan was far too long
     if not budget["stopped_early"]:
         assert sum(e["steps"] for e in metrics["epochs"]) == sum(final)
+
+
+def test_a_budgeted_run_plans_again_within_an_epoch(tiny_cfg, tmp_path):
+    """A pessimistic sample plans half an epoch; re-planning two steps in from what those steps really took
+    lengthens the run to fill the budget, and a slower truth shortens it (never below the steps already taken)."""
+    from loratag.train import TrainState
+
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=1))
+    run, _ = _planned(cfg, tmp_path, 1.0, per_token=1e-9, per_sentence=0.01)
+    per_epoch, epoch_tokens = len(run.plan(0)), sum(run._padded(b) for b in run.plan(0))
+    run._seconds_per_padded_token = lambda: 56.0 / (0.5 * epoch_tokens)  # half an epoch fits
+    steps, plan = run.schedule()
+    assert len(steps) == 1 and 0 < steps[0] < per_epoch
+    two_steps = sum(run._padded(b) for b in run.plan(0)[:2])
+
+    state = TrainState(steps=list(steps), budget=plan, step_in_epoch=2, global_step=2)
+    run.elapsed = lambda: 2.0
+    run.replan(state, train_s=1e-4 * two_steps)  # really 1e-4 s per padded token: many epochs fit
+    assert state.steps[0] == per_epoch and len(state.steps) > 1
+    assert state.budget["replanned"][-1] == {"at_step": 2, "at_s": 2.0, "steps": state.steps}
+
+    state = TrainState(steps=list(steps), budget=plan, step_in_epoch=2, global_step=2)
+    run.replan(state, train_s=60.0)  # far slower than planned: the epoch ends where it stands
+    assert state.steps == [2]
+
+
+def test_a_budgeted_run_whose_first_plan_is_short_trains_on(tiny_cfg, tmp_path, monkeypatch):
+    """Through the training loop: a first plan of 6 steps of an 8-step epoch is re-planned at step 4 from the
+    steps' real time, and the run goes on past step 6 (the loop follows the epoch's moving end)."""
+    fit_budget = _Run._fit_budget
+
+    def short(self, budget):
+        steps, plan = fit_budget(self, budget)
+        plan.update(planned_steps=[6], replan_every=4)
+        return [6], plan
+
+    monkeypatch.setattr(_Run, "_fit_budget", short)
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=1, time_budget=0.4))
+    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    budget = metrics["time_budget"]
+    assert budget["planned_steps"] == [6] and budget["replanned"][0]["at_step"] == 4
+    assert sum(e["steps"] for e in metrics["epochs"]) > 6
+    assert metrics["test"]["f1"] >= 0
 
 
 def test_the_schedule_is_transformers_linear_warmup_and_decay():

@@ -401,16 +401,17 @@ class _Run:
                 f"validation and test needs ~{val_s + test_s:.0f} s, which leaves no time to train"
             )
         plan["planned_steps"] = steps
+        plan["replan_every"] = max(8, math.ceil(sum(steps) / 8))  # steps; and after every epoch
         log.info(
             "time budget %.1f min: setup %.0f s, %s steps in %d epoch(s), evaluations ~%.0f s each",
             budget / 60, setup_s, steps, len(steps), val_s,
         )  # fmt: skip
         return steps, plan
 
-    def _fit(self, plan: dict, first_epoch: int, now: float, per_token: float, val_s: float) -> list[int]:
-        """Steps per epoch from ``first_epoch`` on: whole epochs (and then a partial one) while their steps, an
-        evaluation after each, the test evaluation and the end fit in what is left of the budget at ``now``
-        seconds into the run. Sets the deadline after which no training step starts."""
+    def _fit(self, plan: dict, first_epoch: int, now: float, per_token: float, val_s: float, done: int = 0):
+        """Steps per epoch from ``first_epoch`` on (of which ``done`` steps are behind): whole epochs (and then a
+        partial one) while their steps, an evaluation after each, the test evaluation and the end fit in what is
+        left of the budget at ``now`` seconds into the run. Sets the deadline after which no step starts."""
         budget, test_s = plan["budget_s"], plan["test_s"]
         end_s = 2.0 + 0.01 * budget  # saving the adapter, the card, the exit
         left = budget - now - test_s - end_s
@@ -421,33 +422,40 @@ class _Run:
         )
         steps: list[int] = []
         for epoch in range(first_epoch, first_epoch + 10_000):
-            costs = [per_token * self._padded(b) for b in self.plan(epoch)]
+            behind = done if epoch == first_epoch else 0
+            costs = [per_token * self._padded(b) for b in self.plan(epoch)[behind:]]
             if sum(costs) + val_s <= left:
-                steps.append(len(costs))
+                steps.append(behind + len(costs))
                 left -= sum(costs) + val_s
                 continue
             n, spent = 0, 0.0
             while n < len(costs) and spent + costs[n] <= left - val_s:
                 spent += costs[n]
                 n += 1
-            if n:
-                steps.append(n)
+            if behind + n:
+                steps.append(behind + n)
             break
         return steps
 
-    def replan(self, state: TrainState, train_s: float, val_s: float) -> None:
-        """After an epoch of a budgeted run: plan the rest again from the time that epoch and its evaluation
-        really took (a machine's speed drifts, and the first plan rests on a sample of steps). The learning rate
-        then decays to 0 at the new end."""
-        done = state.epoch - 1
-        tokens = sum(self._padded(b) for b in self.plan(done)[: state.history[-1]["steps"]])
+    def replan(self, state: TrainState, train_s: float, val_s: float | None = None) -> None:
+        """Plan the rest of a budgeted run again from the time its steps really took (a machine's speed drifts,
+        and the first plan rests on a sample of steps): every ``replan_every`` steps from the steps of the epoch
+        so far, and after each epoch from the whole epoch and its evaluation (``val_s``), which also rescales the
+        test evaluation's estimate. The learning rate then decays to 0 at the new end."""
+        budget, n_val = state.budget, len(self.corpus.splits["validation"])
+        if val_s is None:  # within an epoch
+            epoch, done, val_s = state.epoch, state.step_in_epoch, budget["validation_s"]
+        else:
+            epoch, done = state.epoch - 1, state.history[-1]["steps"]
+            val_s = max(self.dist.gather(val_s))
+            budget["test_s"] = round(1.05 * val_s * len(self.corpus.splits.get("test", [])) / n_val, 1)
+        tokens = sum(self._padded(b) for b in self.plan(epoch)[:done])
         per_token = max(self.dist.gather(train_s / max(1, tokens)))
-        val_s = max(self.dist.gather(val_s))
         now = max(self.dist.gather(self.elapsed()))
-        rest = self._fit(state.budget, state.epoch, now, per_token, val_s)
-        state.steps = state.steps[: state.epoch] + rest
-        state.budget["replanned"].append({"after_epoch": state.epoch, "at_s": round(now, 1), "steps": state.steps})
-        log.info("time budget: after epoch %d, %.0f s in: %s steps", state.epoch, now, state.steps)
+        within = state.step_in_epoch if epoch == state.epoch else 0
+        state.steps = state.steps[: state.epoch] + self._fit(budget, state.epoch, now, per_token, val_s, within)
+        budget["replanned"].append({"at_step": state.global_step, "at_s": round(now, 1), "steps": state.steps})
+        log.debug("time budget: at step %d, %.0f s in: %s steps", state.global_step, now, state.steps)
 
     def _padded(self, rows: list[int]) -> int:
         """Padded sub-word tokens of a process's share of a global batch (rows x longest, rounded up to 8)."""
@@ -558,8 +566,10 @@ def _train_epoch(run: _Run, opt: _Optimizer, state: TrainState, mine: Tally, sto
     started = time.monotonic() - mine.seconds
     bar = progress_bar(state.steps[epoch], f"epoch {epoch + 1}/{len(state.steps)}", "step", run.progress,
                        state.step_in_epoch)  # fmt: skip
+    replan_every = state.budget.get("replan_every", 0) if state.budget else 0
     with run.upper_layers():
-        for b in range(state.step_in_epoch, state.steps[epoch]):
+        b = state.step_in_epoch - 1
+        while (b := b + 1) < state.steps[epoch]:  # a budgeted run may move the epoch's end as it goes
             loss, loss_sum, gold, inputs = run.loss(plan[b][dist.rank :: dist.world], divisors[b])
             opt.step(loss, run.model)
             n_labels = int((gold != IGNORE).sum())
@@ -575,6 +585,10 @@ def _train_epoch(run: _Run, opt: _Optimizer, state: TrainState, mine: Tally, sto
                 log.info("time budget: stopping at step %d of epoch %d (the deadline)", b + 1, epoch + 1)
                 state.stopped_early = True
                 break
+            if replan_every and state.global_step % replan_every == 0 and b + 1 < state.steps[epoch]:
+                run.replan(state, time.monotonic() - started)
+                bar.total = state.steps[epoch]
+                bar.refresh()
             due = bool(every) and time.monotonic() - last_save >= every and b + 1 < state.steps[epoch]
             if dist.any(due):
                 mine.seconds = time.monotonic() - started
