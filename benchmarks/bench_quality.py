@@ -179,6 +179,14 @@ def guide_arm(name: str, runs: Path) -> dict:
     }
 
 
+def _commit() -> str:
+    """The loratag commit an arm ran (``+`` when the working tree had changes)."""
+    root = Path(__file__).parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def done(results: Path) -> set[str]:
     if not results.is_file():
         return set()
@@ -209,9 +217,11 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--table", action="store_true")
     p.add_argument("--adopt", metavar="ARM", help="record ARM from its finished run directory (a parent that died)")
+    p.add_argument("--again", action="store_true", help="run the arms even if recorded (a new record is appended)")
     a = p.parse_args()
     facts = cpu_facts()
-    results = a.results or Path(__file__).parent / "results" / f"quality-{facts['bf16'].replace('_', '')}.jsonl"
+    kind = {"emulated": "avx2"}.get(facts["bf16"], facts["bf16"].replace("_", ""))  # amx, avx512bf16, avx2
+    results = a.results or Path(__file__).parent / "results" / f"quality-{kind}.jsonl"
     if a.list:
         for name, (desc, _, _) in ARMS.items():
             print(f"{name:28} {desc}\n{'':28} {' '.join(f'{k} {v}' for k, v in flags_of(name).items())}")
@@ -232,14 +242,14 @@ def main() -> None:
         print(json.dumps(entry))
         return
     for name in (a.arms or "").split(","):
-        if not name or name in done(results):
+        if not name or (name in done(results) and not a.again):
             continue
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; see --list")
         peak = matmul_peak()
         record = (guide_arm if ARMS[name][1] == "guide" else loratag_arm)(name, a.runs)
         entry = {"arm": name, "changes": ARMS[name][0], "flags": flags_of(name), **record}
-        entry.update(cpu=facts, matmul_peak_gflops=peak, date=time.strftime("%Y-%m-%d %H:%M"))
+        entry.update(cpu=facts, matmul_peak_gflops=peak, date=time.strftime("%Y-%m-%d %H:%M"), commit=_commit())
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)

@@ -186,6 +186,7 @@ def test_a_budgeted_run_records_its_plan_and_stops_at_the_deadline(tiny_cfg, tmp
     """The deadline check: a run whose plan is too optimistic stops training when the deadline passes, then
     still evaluates, keeps the best and scores test."""
     monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)  # plans far more steps than fit
+    monkeypatch.setattr(_Run, "_seconds_per_eval_sentence", lambda self: 1e-9)  # and evaluations
     monkeypatch.setattr(_Run, "replan", lambda self, *a: None)  # and never learns better
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
     run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
@@ -252,6 +253,8 @@ def test_a_budgeted_run_whose_first_plan_is_short_trains_on(tiny_cfg, tmp_path, 
     assert budget["planned_steps"] == [6] and budget["replanned"][0]["at_step"] == 4
     assert sum(e["steps"] for e in metrics["epochs"]) > 6
     assert metrics["test"]["f1"] >= 0
+    # what the evaluations really took, beside what the plan expected (budget["validation_s"], budget["test_s"])
+    assert all(e["validation_seconds"] >= 0 for e in metrics["epochs"]) and metrics["test_seconds"] >= 0
 
 
 def test_the_schedule_is_transformers_linear_warmup_and_decay():

@@ -482,11 +482,13 @@ class _Run:
         torch.set_rng_state(rng)
         return seconds / max(1, tokens)
 
-    def _seconds_per_eval_sentence(self, sample: int = 128) -> float:
+    def _seconds_per_eval_sentence(self, sample: int = 192) -> float:
+        """An evaluation as it will run (forward passes, both decodings, the scores) on every n-th validation
+        sentence."""
         val = self.corpus.splits["validation"]
         picked = val[:: max(1, len(val) // sample)]
         started = time.perf_counter()
-        self.evaluator.label_words([s.tokens for s in picked])
+        evaluate(self.evaluator, picked, decodes=DECODINGS)
         return (time.perf_counter() - started) / max(1, len(picked))
 
 
@@ -603,6 +605,7 @@ def _evaluate_epoch(run: _Run, state: TrainState, mine: Tally) -> None:
     parts = run.dist.gather({k: getattr(mine, k) for k in ("loss_sum", "labels", "tokens", "seconds")})
     loss_sum, n_labels, tokens = (sum(p[k] for p in parts) for k in ("loss_sum", "labels", "tokens"))
     seconds = max(p["seconds"] for p in parts)
+    started = time.monotonic()
     val = run.validate()
     entry = {
         "epoch": state.epoch + 1,
@@ -612,6 +615,7 @@ def _evaluate_epoch(run: _Run, state: TrainState, mine: Tally) -> None:
         "train_tokens": tokens,
         "train_tokens_per_second": tokens / seconds if seconds else None,
         "validation": val,
+        "validation_seconds": round(time.monotonic() - started, 1),
         "wall_seconds": round(run.elapsed(), 1),  # since the run began, evaluations included (for the curves)
     }
     improved = val["f1"] > state.best_f1
@@ -655,7 +659,9 @@ def _finish(run: _Run, state: TrainState) -> tuple[Path, Tagger]:
     if state.budget:
         metrics["time_budget"] = {**state.budget, "stopped_early": state.stopped_early}
     if "test" in run.corpus.splits:
+        started = time.monotonic()
         metrics["test"] = evaluate(run.evaluator, run.corpus.splits["test"], dist=dist, decodes=DECODINGS)
+        metrics["test_seconds"] = round(time.monotonic() - started, 1)
         test = metrics["test"]
         log.info(
             "test (best epoch %d): P %.4f R %.4f F1 %.4f (%s)",
