@@ -86,6 +86,11 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     ),
     "defaults-budget-15": ("the defaults with --time-budget 15", "defaults", {"--time-budget": "15"}),
     "defaults-budget-5": ("the defaults with --time-budget 5", "defaults", {"--time-budget": "5"}),
+    "defaults-budget-20.03": (
+        "the defaults with --time-budget 20.03 (1/10 of the guide's 10 epochs on AVX2 at 567.7 tok/s)",
+        "defaults",
+        {"--time-budget": "20.03"},
+    ),
     "defaults-bias-none": ("the defaults with bias none (a shared base)", "defaults", {"--bias": "none"}),
     "defaults-bias-lora-only": ("the defaults with bias lora_only", "defaults", {"--bias": "lora_only"}),
     "defaults-top3-4ep": (
