@@ -201,15 +201,15 @@ def done(results: Path) -> set[str]:
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     out = [
-        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test F1 argmax | test F1 constrained |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test argmax | test constrained | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = r["test"].get("constrained", {}).get("f1")
         out.append(
             f"| {r['arm']} | {r['changes']} | {r['wall_minutes']} | {r['tokens_per_s']:.0f} | "
             f"{' '.join(f'{f:.4f}' for f in r['validation_f1'])} | {r['best_epoch']} | "
-            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} |"
+            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} | {r.get('commit', '')} |"
         )
     return "\n".join(out)
 

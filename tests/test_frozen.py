@@ -152,23 +152,23 @@ def test_length_grouped_batches_weight_every_token_equally():
     assert _loss_divisors(plan, windows, per_epoch=True) == [12.0, 12.0]  # 24 tokens / 2 batches
 
 
-def _planned(tiny_cfg, tmp_path, minutes, per_token, per_sentence, setup_s=1.0):
+def _planned(tiny_cfg, tmp_path, minutes, per_token, per_work, setup_s=1.0):
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=minutes))
     from loratag.dist import Dist
 
     run = _Run(cfg, tmp_path, False, False, torch.device("cpu"), Dist(), started=0.0)
     run.elapsed = lambda: setup_s
     run._seconds_per_padded_token = lambda: per_token
-    run._seconds_per_eval_sentence = lambda: per_sentence
+    run._seconds_per_eval_work = lambda: per_work
     return run, run.schedule()
 
 
 def test_a_time_budget_plans_whole_epochs_then_a_partial_one(tiny_cfg, tmp_path):
-    run, (steps, plan) = _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_sentence=0.1)
+    run, (steps, plan) = _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_work=0.1)
     per_epoch = len(run.plan(0))
     epoch_s = sum(0.01 * run._padded(b) for b in run.plan(0))
-    val_s = 1.1 * 0.1 * len(run.corpus.splits["validation"])
-    test_s = 1.1 * 0.1 * len(run.corpus.splits["test"])
+    val_s = 1.1 * 0.1 * run._eval_work(run.corpus.splits["validation"])
+    test_s = 1.1 * 0.1 * run._eval_work(run.corpus.splits["test"])
     full = int((60 - 1 - test_s - 2.6) // (epoch_s + val_s))
     assert steps[:full] == [per_epoch] * full
     assert len(steps) in (full, full + 1) and all(0 < s <= per_epoch for s in steps)
@@ -179,14 +179,14 @@ def test_a_time_budget_plans_whole_epochs_then_a_partial_one(tiny_cfg, tmp_path)
 
 def test_a_time_budget_too_short_to_train_says_so(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="too short: setting up took 50 s"):
-        _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_sentence=1.0, setup_s=50.0)
+        _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_work=1.0, setup_s=50.0)
 
 
 def test_a_budgeted_run_records_its_plan_and_stops_at_the_deadline(tiny_cfg, tmp_path, monkeypatch):
     """The deadline check: a run whose plan is too optimistic stops training when the deadline passes, then
     still evaluates, keeps the best and scores test."""
     monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)  # plans far more steps than fit
-    monkeypatch.setattr(_Run, "_seconds_per_eval_sentence", lambda self: 1e-9)  # and evaluations
+    monkeypatch.setattr(_Run, "_seconds_per_eval_work", lambda self: 1e-9)  # and evaluations
     monkeypatch.setattr(_Run, "replan", lambda self, *a: None)  # and never learns better
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
     run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
@@ -217,7 +217,7 @@ def test_a_budgeted_run_plans_again_within_an_epoch(tiny_cfg, tmp_path):
     from loratag.train import TrainState
 
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=1))
-    run, _ = _planned(cfg, tmp_path, 1.0, per_token=1e-9, per_sentence=0.01)
+    run, _ = _planned(cfg, tmp_path, 1.0, per_token=1e-9, per_work=0.01)
     per_epoch, epoch_tokens = len(run.plan(0)), sum(run._padded(b) for b in run.plan(0))
     run._seconds_per_padded_token = lambda: 56.0 / (0.5 * epoch_tokens)  # half an epoch fits
     steps, plan = run.schedule()

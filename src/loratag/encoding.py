@@ -204,8 +204,11 @@ def batches(
     return out
 
 
+PASS_TOKENS = 64  # a forward pass's fixed cost, in tokens of work (see inference_batches)
+
+
 def inference_batches(
-    lengths: Sequence[int], max_rows: int, per_batch_tokens: int = 64, multiple: int = 8
+    lengths: Sequence[int], max_rows: int, per_batch_tokens: int = PASS_TOKENS, multiple: int = 8
 ) -> list[list[int]]:
     """Index batches for inference: sorted by length and cut where the padded work is least.
 
