@@ -122,6 +122,33 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "tuned-top3-rslora-5ep": ("tuned-top3-5ep with rsLoRA", "tuned-top3-5ep", {"--rslora": "true"}),
     "tuned-top3-loraplus-5ep": ("tuned-top3-5ep with LoRA+ (B lr x4)", "tuned-top3-5ep", {"--lora-plus-ratio": "4"}),
     "tuned-top3-random-5ep": ("tuned-top3-5ep, random batches", "tuned-top3-5ep", {"--length-grouping": "false"}),
+    # one change at a time from the defaults (all-linear LoRA r 16, dropout 0, bias all, lr 2e-3, warmup 6%, 2 epochs)
+    "defaults-lr1e-3": ("the defaults with lr 1e-3", "defaults", {"--lr": "1e-3"}),
+    "defaults-lr3e-3": ("the defaults with lr 3e-3", "defaults", {"--lr": "3e-3"}),
+    "defaults-lr5e-4": ("the defaults with lr 5e-4", "defaults", {"--lr": "5e-4"}),
+    "defaults-r32": ("the defaults with r 32, alpha 32", "defaults", {"--lora-r": "32", "--lora-alpha": "32"}),
+    "defaults-r8": ("the defaults with r 8, alpha 8", "defaults", {"--lora-r": "8", "--lora-alpha": "8"}),
+    "defaults-rslora": (
+        "the defaults with rsLoRA (scale alpha/sqrt(r): 4x at r 16)",
+        "defaults",
+        {"--rslora": "true"},
+    ),
+    "defaults-loraplus4": ("the defaults with LoRA+ (B's lr x4)", "defaults", {"--lora-plus-ratio": "4"}),
+    "defaults-random": (
+        "the defaults with random batches (length grouping off)",
+        "defaults",
+        {"--length-grouping": "false"},
+    ),
+    "defaults-top4-budget-13.57": (
+        "the defaults with LoRA on the top 4 layers (2 cached), in the defaults' Zen 4 time (13.57 min)",
+        "defaults",
+        {"--lora-top-layers": "4", "--time-budget": "13.57"},
+    ),
+    "defaults-top2-budget-13.57": (
+        "the defaults with LoRA on the top 2 layers (4 cached), in the defaults' Zen 4 time (13.57 min)",
+        "defaults",
+        {"--lora-top-layers": "2", "--time-budget": "13.57"},
+    ),
 }
 
 
