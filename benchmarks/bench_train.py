@@ -25,7 +25,11 @@ from _common import cpu_facts, emit, matmul_peak, run_arm  # noqa: E402
 
 
 def guide_arm(a) -> dict:
-    """The guide's code, with a local copy of its data loading (the Hub dataset is a loading script)."""
+    """The guide's code, with a local copy of its data loading (the Hub dataset is a loading script).
+
+    ``--arm full``: the same code without PEFT, every weight trained (the study's ceiling), with what a user would
+    set for it: lr ``--full-lr``, 6% warmup, linear decay to 0, length-grouped batches, bf16 autocast where the
+    CPU has native bf16 (loratag's own detection), evaluated every epoch and the best kept."""
     import numpy as np
     import torch
     from datasets import Dataset
@@ -109,7 +113,9 @@ def guide_arm(a) -> dict:
     peft_config = LoraConfig(
         task_type=TaskType.TOKEN_CLS, inference_mode=False, r=16, lora_alpha=16, lora_dropout=0.1, bias="all"
     )
-    model = get_peft_model(model, peft_config)
+    full = a.arm == "full"
+    if not full:
+        model = get_peft_model(model, peft_config)
 
     class EpochTimer(TrainerCallback):
         seconds = 0.0
@@ -121,7 +127,7 @@ def guide_arm(a) -> dict:
             EpochTimer.seconds += time.perf_counter() - self.t
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
+        guide = dict(
             output_dir=out,
             learning_rate=1e-3,
             per_device_train_batch_size=16,
@@ -136,6 +142,7 @@ def guide_arm(a) -> dict:
             seed=a.seed,
             logging_strategy="no",
         )
+        args = TrainingArguments(**{**guide, **(full_finetune_args(a) if full else {})})
         trainer = Trainer(
             model=model,
             args=args,
@@ -152,6 +159,8 @@ def guide_arm(a) -> dict:
             model.save_pretrained(a.save_adapter)
     val_f1 = [e["eval_f1"] for e in trainer.state.log_history if "eval_f1" in e]
     return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "autocast": "bf16" if args.bf16 else "fp32",
         "validation_f1_by_epoch": val_f1,
         "tokens_per_s": train_tokens * a.epochs / EpochTimer.seconds,
         "train_s": EpochTimer.seconds,
@@ -159,6 +168,22 @@ def guide_arm(a) -> dict:
         "test_f1": test_metrics["test_f1"],
         "test_precision": test_metrics["test_precision"],
         "test_recall": test_metrics["test_recall"],
+    }
+
+
+def full_finetune_args(a) -> dict:
+    """TrainingArguments of the full fine-tuning arm (what differs from the guide's)."""
+    import torch
+
+    from loratag.modeling import cpu_bf16
+
+    return {
+        "learning_rate": a.full_lr,
+        "warmup_steps": 0.06,  # a float in [0, 1): a share of all steps
+        "lr_scheduler_type": "linear",
+        "train_sampling_strategy": "group_by_length",
+        "bf16": cpu_bf16() != "emulated",
+        "use_cpu": not torch.cuda.is_available(),  # Trainer's bf16 on a CPU asks for it
     }
 
 
@@ -241,7 +266,8 @@ def main() -> None:
         default=None,
         help="score on the first N validation and test sentences only (speed runs on large bases)",
     )
-    p.add_argument("--arms", default="guide,loratag")
+    p.add_argument("--arms", default="guide,loratag", help="guide, loratag, full (full fine-tuning, no LoRA)")
+    p.add_argument("--full-lr", type=float, default=1e-4, help="the full fine-tuning arm's learning rate")
     p.add_argument("--save-adapter", help="keep the guide arm's best adapter here (plain PEFT, as the guide saves it)")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -249,7 +275,7 @@ def main() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        emit({"guide": guide_arm, "loratag": loratag_arm}[a.arm](a))
+        emit({"guide": guide_arm, "full": guide_arm, "loratag": loratag_arm}[a.arm](a))
         return
     if a.random_base:
         a.model = random_base(a.random_base)
@@ -261,6 +287,7 @@ def main() -> None:
         args += ["--train-sentences", str(a.train_sentences)]
     if a.save_adapter:
         args += ["--save-adapter", a.save_adapter]
+    args += ["--full-lr", str(a.full_lr)]
     results = {arm: run_arm(__file__, arm, args) for arm in a.arms.split(",")}
     out = {
         "model": a.random_base or a.model,
