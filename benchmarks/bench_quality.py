@@ -212,12 +212,13 @@ def guide_arm(name: str, runs: Path) -> dict:
         args += ["--full-lr", str(spec["full_lr"])]
     started = time.perf_counter()
     r = run_arm(str(Path(__file__).parent / "bench_train.py"), spec.get("arm", "guide"), args)
+    val = r["validation_f1_by_epoch"]
     return {
         "wall_minutes": round((time.perf_counter() - started) / 60, 2),
         "train_minutes": round(r["train_s"] / 60, 2),
         "tokens_per_s": round(r["tokens_per_s"], 1),
-        "validation_f1": [round(f, 4) for f in r.get("validation_f1_by_epoch", [])],
-        "best_epoch": 1,
+        "validation_f1": [round(f, 4) for f in val],
+        "best_epoch": 1 + max(range(len(val)), key=val.__getitem__),  # Trainer's load_best_model_at_end
         "test": {"argmax": {k: round(r[f"test_{k}"], 4) for k in ("precision", "recall", "f1")}},
         "train_tokens_per_epoch": r["train_tokens_per_epoch"],
         "trainable_params": r["trainable_params"],
