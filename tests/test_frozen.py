@@ -1,6 +1,7 @@
 """Less work per step: LoRA on the top layers with the frozen layers below cached, frozen weights stored once in
 bf16, LoRA+ and rsLoRA, the loss divisor, and planning a --time-budget run."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -277,3 +278,28 @@ def test_the_schedule_is_transformers_linear_warmup_and_decay():
     theirs_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     theirs = get_linear_schedule_with_warmup(theirs_opt, 5, 50)
     assert lrs(ours.scheduler, ours.optimizer, 50) == pytest.approx(lrs(theirs, theirs_opt, 50), abs=1e-12)
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_loop_version_does():
+    """loratag's AdamW runs fused (one kernel for all tensors; Trainer's default too). Its updates must be the
+    loop version's, decay groups included, to float rounding: 20 steps on the same loss."""
+    from loratag.config import TrainConfig
+    from loratag.train import TrainState, _Optimizer
+
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    loop_model = copy.deepcopy(ours_model)
+    start = copy.deepcopy(ours_model)
+    t = TrainConfig(lr=1e-2, warmup_ratio=0.0, weight_decay=0.01)
+    ours = _Optimizer.build(ours_model, t, TrainState(steps=[1000]), torch.device("cpu"), None)
+    assert all(g["fused"] is True for g in ours.optimizer.param_groups)
+    loop = torch.optim.AdamW(_param_groups(loop_model, 0.01, 1e-2), lr=1e-2, foreach=False, fused=False)
+    x = torch.randn(16, 4)
+    for _ in range(20):
+        for model, opt in ((ours_model, ours.optimizer), (loop_model, loop)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b, s in zip(ours_model.parameters(), loop_model.parameters(), start.parameters(), strict=True):
+        assert (a - s).abs().max() > 1e-3  # it trained
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
