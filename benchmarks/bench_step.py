@@ -1,6 +1,7 @@
 """Where one training step's time goes: loratag's defaults (LoRA r 16 on every Linear, biases trained) against
-full fine-tuning of the same base (fused AdamW, as Trainer), at the same batch and precision, and against
-loratag's former per-tensor AdamW loop ("lora-loop"). Prints one JSON line.
+full fine-tuning of the same base (fused AdamW, as Trainer), at the same batch and precision; against
+loratag's former per-tensor AdamW loop ("lora-loop"); and against frozen weights kept in fp32 and cast by autocast
+at every step ("lora-cast"; training stores them in bf16 once, `--low-precision-weights`). Prints one JSON line.
 
     python benchmarks/bench_step.py                       # MiniLM, batch 16 x 40 tokens (BioNLP2004's mean)
     python benchmarks/bench_step.py --batch 16 --length 64 --steps 30
@@ -16,6 +17,7 @@ machine's matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -112,19 +114,35 @@ def main() -> None:
 
     import torch
 
+    from loratag.frozen import low_precision_weights
     from loratag.modeling import resolve_precision
 
     dtype = resolve_precision(args.precision, torch.device("cpu"))
     peak = matmul_peak()
-    arms = {a: build(a, args.model) for a in ("lora", "lora-loop", "full")}
+    arms = {a: build(a, args.model) for a in ("lora", "lora-loop", "lora-cast", "full")}
+    with contextlib.ExitStack() as keep:
+        for a in ("lora", "lora-loop"):  # as training does: frozen weights in the autocast dtype once
+            keep.enter_context(low_precision_weights(arms[a][0], dtype))
+        measure(arms, batch_of(arms, args), dtype, args, peak)
+
+
+def batch_of(arms, args) -> dict:
+    import torch
+
     cfg = arms["lora"][0].get_base_model().config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.length), generator=g)
-    batch = {
+    return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": torch.randint(0, len(LABELS), ids.shape, generator=g),
     }
+
+
+def measure(arms, batch, dtype, args, peak) -> None:
+    import torch
+
+    cfg = arms["lora"][0].get_base_model().config
     for net, opt, _ in arms.values():
         net.train()
         for _ in range(3):
@@ -159,6 +177,7 @@ def main() -> None:
         }
     result["full_over_lora_time"] = round(result["full"]["s_per_step"] / result["lora"]["s_per_step"], 3)
     result["loop_over_fused_time"] = round(result["lora-loop"]["s_per_step"] / result["lora"]["s_per_step"], 3)
+    result["cast_over_stored_time"] = round(result["lora-cast"]["s_per_step"] / result["lora"]["s_per_step"], 3)
     emit(result)
 
 
