@@ -52,7 +52,9 @@ def build(arm: str, model: str):
 def step(net, opt, batch, dtype) -> None:
     import torch
 
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    from loratag.modeling import autocast
+
+    with autocast(torch.device("cpu"), dtype):
         loss = net(**batch).loss
     loss.backward()
     opt.step()
@@ -123,13 +125,12 @@ def main() -> None:
     with contextlib.ExitStack() as keep:
         for a in ("lora", "lora-loop"):  # as training does: frozen weights in the autocast dtype once
             keep.enter_context(low_precision_weights(arms[a][0], dtype))
-        measure(arms, batch_of(arms, args), dtype, args, peak)
+        measure(arms, dtype, args, peak)
 
 
-def batch_of(arms, args) -> dict:
+def batch_of(cfg, args) -> dict:
     import torch
 
-    cfg = arms["lora"][0].get_base_model().config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.length), generator=g)
     return {
@@ -139,10 +140,11 @@ def batch_of(arms, args) -> dict:
     }
 
 
-def measure(arms, batch, dtype, args, peak) -> None:
-    import torch
+def measure(arms, dtype, args, peak) -> None:
+    from loratag.modeling import precision_name
 
     cfg = arms["lora"][0].get_base_model().config
+    batch = batch_of(cfg, args)
     for net, opt, _ in arms.values():
         net.train()
         for _ in range(3):
@@ -155,11 +157,10 @@ def measure(arms, batch, dtype, args, peak) -> None:
                 step(net, opt, batch, dtype)
             times[a].append((time.perf_counter() - t) / args.steps)
     flops = base_matmul_flops(cfg, args.batch * args.length)
-    peak_key = "bf16" if dtype is torch.bfloat16 else "fp32"
     result = {
         "model": args.model,
         "batch": [args.batch, args.length],
-        "autocast": "bf16" if dtype is torch.bfloat16 else "fp32",
+        "autocast": precision_name(dtype),
         "cpu": cpu_facts(),
         "matmul_peak_gflops": peak,
     }
@@ -172,7 +173,7 @@ def measure(arms, batch, dtype, args, peak) -> None:
             "s_per_step": round(s, 4),
             "tokens_per_s": round(args.batch * args.length / s, 1),
             "base_matmul_gflop_per_step": round(useful / 1e9, 2),
-            "fraction_of_peak": round(useful / s / 1e9 / peak[peak_key], 3),
+            "fraction_of_peak": round(useful / s / 1e9 / peak[precision_name(dtype)], 3),
             **profile(net, opt, batch, dtype, net.peft_config["default"].r if a != "full" else -1, 5),
         }
     result["full_over_lora_time"] = round(result["full"]["s_per_step"] / result["lora"]["s_per_step"], 3)
