@@ -59,7 +59,7 @@ def cpu_facts() -> dict:
 
     import torch
 
-    from loratag.modeling import cpu_bf16, cpu_features
+    from loratag.precision import cpu_bf16, cpu_features
 
     flags, capability = cpu_features()
     model = ""

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_facts  # noqa: E402
 
-from loratag.dist import launch_command  # noqa: E402
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def _tree_rss_mib(root: int) -> float:
@@ -90,7 +90,8 @@ def main() -> None:
             run_dir = Path(tmp) / f"p{procs}"
             args = ["train", *common, "--batch-size", str(a.batch_size // procs), "--out", str(run_dir)]
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // procs))}
-            peak = run([*launch_command(procs), *args], env)
+            launch = [*TORCHRUN, f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+            peak = run([*launch, "-m", "loratag", *args], env)
             m = json.loads((run_dir / "metrics.json").read_text())
             seconds = sum(e["train_seconds"] for e in m["epochs"])
             tokens = sum(e["train_tokens"] for e in m["epochs"])

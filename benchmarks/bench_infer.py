@@ -91,12 +91,12 @@ def pipeline_arm(a) -> dict:
 
 
 def loratag_arm(a, quantize=None) -> dict:
-    from loratag.inference import Tagger
+    from loratag.tagger import Tagger
 
     _, test = _test(a)
     tagger = Tagger.load(a.run, quantize=quantize)
     t = time.perf_counter()
-    predicted = tagger.predict_words([s.tokens for s in test])
+    predicted = [labels for labels, _ in tagger.tag_words([s.tokens for s in test])]
     seconds = time.perf_counter() - t
     return {
         "sentences_per_s": len(test) / seconds,

@@ -24,7 +24,7 @@ def train_arm(a) -> dict:
     from loratag.config import Config, LoraSettings, TrainConfig
     from loratag.data import load_corpus
     from loratag.evaluation import evaluate
-    from loratag.inference import Tagger
+    from loratag.tagger import Tagger
     from loratag.train import train
 
     cfg = Config(

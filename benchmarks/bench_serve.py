@@ -45,7 +45,7 @@ def make_runs(run: Path | None, n: int, root: Path, extra: list[Path] = ()) -> l
     from loratag.config import Config, LoraSettings
     from loratag.labels import LabelSet
     from loratag.modeling import build_model
-    from loratag.runio import save_adapter
+    from loratag.rundir import save_adapter
 
     runs = ([run] if run else []) + list(extra)
     labels = (
@@ -216,7 +216,8 @@ def ceiling(
     import threading
 
     from loratag.labels import LabelSet
-    from loratag.serve import AdapterPool, default_workers, share_cores
+    from loratag.serve.app import default_workers, share_cores
+    from loratag.serve.pool import AdapterPool
 
     pool = AdapterPool([(Path(r), Path(r).name) for r in runs], labels=LabelSet.load(labels) if labels else None)
     workers = workers or default_workers(pool)
@@ -256,8 +257,8 @@ def check_answers(url: str, runs: list[Path], texts: list[str], precision: str, 
     and labels exact, scores within 1e-3; and the largest score difference."""
     import httpx
 
-    from loratag.inference import Tagger
     from loratag.labels import LabelSet
+    from loratag.tagger import Tagger
 
     out = {}
     for run in runs:

@@ -30,9 +30,9 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     from loratag.data import load_corpus
-    from loratag.inference import Tagger
     from loratag.labels import LabelSet
-    from loratag.pool import AdapterPool
+    from loratag.serve.pool import AdapterPool
+    from loratag.tagger import Tagger
 
     labels = LabelSet.load(a.labels) if a.labels else None
     runs = [(path, f"a{i}") for i, path in enumerate(a.adapter)]

@@ -53,7 +53,7 @@ def arm(a) -> dict:
     from loratag.shards import predict_shards
 
     if a.arm.startswith("ray"):
-        from loratag.rayengine import ensure_ray
+        from loratag.predict.ray import ensure_ray
 
         ensure_ray(None, num_cpus=os.cpu_count())
     started = time.perf_counter() - t0

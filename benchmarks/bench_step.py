@@ -52,7 +52,7 @@ def build(arm: str, model: str):
 def step(net, opt, batch, dtype) -> None:
     import torch
 
-    from loratag.modeling import autocast
+    from loratag.precision import autocast
 
     with autocast(torch.device("cpu"), dtype):
         loss = net(**batch).loss
@@ -116,8 +116,8 @@ def main() -> None:
 
     import torch
 
-    from loratag.frozen import low_precision_weights
-    from loratag.modeling import resolve_precision
+    from loratag.precision import resolve_precision
+    from loratag.train.frozen import low_precision_weights
 
     dtype = resolve_precision(args.precision, torch.device("cpu"))
     peak = matmul_peak()
@@ -141,7 +141,7 @@ def batch_of(cfg, args) -> dict:
 
 
 def measure(arms, dtype, args, peak) -> None:
-    from loratag.modeling import precision_name
+    from loratag.precision import precision_name
 
     cfg = arms["lora"][0].get_base_model().config
     batch = batch_of(cfg, args)

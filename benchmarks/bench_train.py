@@ -175,7 +175,7 @@ def full_finetune_args(a) -> dict:
     """TrainingArguments of the full fine-tuning arm (what differs from the guide's)."""
     import torch
 
-    from loratag.modeling import cpu_bf16
+    from loratag.precision import cpu_bf16
 
     return {
         "learning_rate": a.full_lr,

@@ -41,10 +41,10 @@ def cpu_without_fast_bf16():
     comparisons hold on every machine (AVX2, AVX-512-BF16, AMX). Session-wide, so that module-scoped fixtures
     (servers, pools) built before any function fixture see it too. The bf16 path has its own tests
     (test_precision.py), which ask for bf16 explicitly or patch the detection to another kind."""
-    from loratag import modeling
+    from loratag import precision
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(modeling, "cpu_features", lambda: AVX2)
+        mp.setattr(precision, "cpu_features", lambda: AVX2)
         yield
 
 

@@ -4,15 +4,30 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from loratag.dist import launch_command
-
 from .conftest import RESOURCES
+
+
+def launch_command(processes: int) -> list[str]:
+    """``loratag`` in ``processes`` local processes: torchrun when more than one (append loratag's arguments)."""
+    if processes <= 1:
+        return [sys.executable, "-m", "loratag"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "loratag",
+    ]
+
 
 TOL = 1e-5  # float sums in another order (two processes, all-reduce), nothing more
 # Adam divides by sqrt(v): a gradient near zero that differs in its last bits between the two reduction orders moves

@@ -1,5 +1,5 @@
 """Less work per step: LoRA on the top layers with the frozen layers below cached, frozen weights stored once in
-bf16, LoRA+ and rsLoRA, the loss divisor, and planning a --time-budget run."""
+bf16, LoRA+ and rsLoRA, the loss divisor, and the optimizer (the --time-budget planner: test_budget.py)."""
 
 import copy
 import json
@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from loratag.encoding import collate, encode
-from loratag.frozen import LayerCache, layers_only, low_precision_weights
-from loratag.inference import Tagger
 from loratag.labels import LabelSet
 from loratag.modeling import build_model, load_tokenizer
-from loratag.train import _loss_divisors, _param_groups, _Run, train_and_load
+from loratag.tagger import Tagger
+from loratag.train import train_and_load
+from loratag.train.frozen import LayerCache, layers_only, low_precision_weights
+from loratag.train.optim import Optimizer, param_groups
+from loratag.train.session import loss_divisors
 
 from .conftest import RESOURCES
 from .test_train import WORDS, plain_peft_logits
@@ -121,14 +123,14 @@ def test_frozen_weights_stored_once_in_bf16_give_the_same_bf16_logits(tiny_cfg):
 
 def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tiny_cfg):
     model = build_model(tiny_cfg, LABELS)
-    groups = _param_groups(model, 0.01, 1e-3, lora_plus_ratio=16)
+    groups = param_groups(model, 0.01, 1e-3, lora_plus_ratio=16)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         is_b = {"lora_B" in names[id(p)] for p in g["params"]}
         assert len(is_b) == 1
         assert g["lr"] == (16e-3 if is_b.pop() else 1e-3)
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
-    assert all(g["lr"] == 1e-3 for g in _param_groups(model, 0.01, 1e-3))
+    assert all(g["lr"] == 1e-3 for g in param_groups(model, 0.01, 1e-3))
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):
@@ -149,120 +151,14 @@ def test_length_grouped_batches_weight_every_token_equally():
 
     windows = [W(2), W(2), W(10), W(10)]
     plan = [[0, 1], [2, 3]]
-    assert _loss_divisors(plan, windows, per_epoch=False) == [4.0, 20.0]
-    assert _loss_divisors(plan, windows, per_epoch=True) == [12.0, 12.0]  # 24 tokens / 2 batches
-
-
-def _planned(tiny_cfg, tmp_path, minutes, per_token, per_work, setup_s=1.0):
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=minutes))
-    from loratag.dist import Dist
-
-    run = _Run(cfg, tmp_path, False, False, torch.device("cpu"), Dist(), started=0.0)
-    run.elapsed = lambda: setup_s
-    run._seconds_per_padded_token = lambda: per_token
-    run._seconds_per_eval_work = lambda: per_work
-    return run, run.schedule()
-
-
-def test_a_time_budget_plans_whole_epochs_then_a_partial_one(tiny_cfg, tmp_path):
-    run, (steps, plan) = _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_work=0.1)
-    per_epoch = len(run.plan(0))
-    epoch_s = sum(0.01 * run._padded(b) for b in run.plan(0))
-    val_s = 1.1 * 0.1 * run._eval_work(run.corpus.splits["validation"])
-    test_s = 1.1 * 0.1 * run._eval_work(run.corpus.splits["test"])
-    full = int((60 - 1 - test_s - 2.6) // (epoch_s + val_s))
-    assert steps[:full] == [per_epoch] * full
-    assert len(steps) in (full, full + 1) and all(0 < s <= per_epoch for s in steps)
-    spent = sum(sum(0.01 * run._padded(b) for b in run.plan(e)[:n]) for e, n in enumerate(steps))
-    assert 1 + spent + len(steps) * val_s + test_s <= 60  # everything planned fits in the budget
-    assert plan["planned_steps"] == steps and plan["deadline_s"] == pytest.approx(60 - val_s - test_s - 2.6, abs=0.1)
-
-
-def test_a_time_budget_too_short_to_train_says_so(tiny_cfg, tmp_path):
-    with pytest.raises(ValueError, match="too short: setting up took 50 s"):
-        _planned(tiny_cfg, tmp_path, 1.0, per_token=0.01, per_work=1.0, setup_s=50.0)
-
-
-def test_a_budgeted_run_records_its_plan_and_stops_at_the_deadline(tiny_cfg, tmp_path, monkeypatch):
-    """The deadline check: a run whose plan is too optimistic stops training when the deadline passes, then
-    still evaluates, keeps the best and scores test."""
-    monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)  # plans far more steps than fit
-    monkeypatch.setattr(_Run, "_seconds_per_eval_work", lambda self: 1e-9)  # and evaluations
-    monkeypatch.setattr(_Run, "replan", lambda self, *a: None)  # and never learns better
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
-    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
-    metrics = json.loads((run / "metrics.json").read_text())
-    budget = metrics["time_budget"]
-    assert budget["stopped_early"] and sum(budget["planned_steps"]) > sum(e["steps"] for e in metrics["epochs"])
-    assert metrics["test"]["f1"] >= 0 and metrics["best_epoch"] is not None
-
-
-def test_a_budgeted_run_plans_again_from_what_its_epochs_really_took(tiny_cfg, tmp_path, monkeypatch):
-    """A first plan resting on a far too fast sample is replaced after the first epoch by one from the measured
-    epoch; the run then trains the new plan to its end (where the learning rate reaches 0)."""
-    monkeypatch.setattr(_Run, "_seconds_per_padded_token", lambda self: 1e-9)
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, time_budget=0.25))
-    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
-    metrics = json.loads((run / "metrics.json").read_text())
-    budget = metrics["time_budget"]
-    assert budget["replanned"] and budget["replanned"][0]["at_step"] == metrics["epochs"][0]["steps"]
-    final = budget["replanned"][-1]["steps"]
-    assert sum(final) < sum(budget["planned_steps"])  # the first plan was far too long
-    if not budget["stopped_early"]:
-        assert sum(e["steps"] for e in metrics["epochs"]) == sum(final)
-
-
-def test_a_budgeted_run_plans_again_within_an_epoch(tiny_cfg, tmp_path):
-    """A pessimistic sample plans half an epoch; re-planning two steps in from what those steps really took
-    lengthens the run to fill the budget, and a slower truth shortens it (never below the steps already taken)."""
-    from loratag.train import TrainState
-
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=1))
-    run, _ = _planned(cfg, tmp_path, 1.0, per_token=1e-9, per_work=0.01)
-    per_epoch, epoch_tokens = len(run.plan(0)), sum(run._padded(b) for b in run.plan(0))
-    run._seconds_per_padded_token = lambda: 56.0 / (0.5 * epoch_tokens)  # half an epoch fits
-    steps, plan = run.schedule()
-    assert len(steps) == 1 and 0 < steps[0] < per_epoch
-    two_steps = sum(run._padded(b) for b in run.plan(0)[:2])
-
-    state = TrainState(steps=list(steps), budget=plan, step_in_epoch=2, global_step=2)
-    run.elapsed = lambda: 2.0
-    run.replan(state, train_s=1e-4 * two_steps)  # really 1e-4 s per padded token: many epochs fit
-    assert state.steps[0] == per_epoch and len(state.steps) > 1
-    assert state.budget["replanned"][-1] == {"at_step": 2, "at_s": 2.0, "steps": state.steps}
-
-    state = TrainState(steps=list(steps), budget=plan, step_in_epoch=2, global_step=2)
-    run.replan(state, train_s=60.0)  # far slower than planned: the epoch ends where it stands
-    assert state.steps == [2]
-
-
-def test_a_budgeted_run_whose_first_plan_is_short_trains_on(tiny_cfg, tmp_path, monkeypatch):
-    """Through the training loop: a first plan of 6 steps of an 8-step epoch is re-planned at step 4 from the
-    steps' real time, and the run goes on past step 6 (the loop follows the epoch's moving end)."""
-    fit_budget = _Run._fit_budget
-
-    def short(self, budget):
-        steps, plan = fit_budget(self, budget)
-        plan.update(planned_steps=[6], replan_every=4)
-        return [6], plan
-
-    monkeypatch.setattr(_Run, "_fit_budget", short)
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, batch_size=1, time_budget=0.4))
-    run, _ = train_and_load(cfg, tmp_path / "run", progress=False)
-    metrics = json.loads((run / "metrics.json").read_text())
-    budget = metrics["time_budget"]
-    assert budget["planned_steps"] == [6] and budget["replanned"][0]["at_step"] == 4
-    assert sum(e["steps"] for e in metrics["epochs"]) > 6
-    assert metrics["test"]["f1"] >= 0
-    # what the evaluations really took, beside what the plan expected (budget["validation_s"], budget["test_s"])
-    assert all(e["validation_seconds"] >= 0 for e in metrics["epochs"]) and metrics["test_seconds"] >= 0
+    assert loss_divisors(plan, windows, per_epoch=False) == [4.0, 20.0]
+    assert loss_divisors(plan, windows, per_epoch=True) == [12.0, 12.0]  # 24 tokens / 2 batches
 
 
 def test_the_schedule_is_transformers_linear_warmup_and_decay():
     from transformers import get_linear_schedule_with_warmup
 
     from loratag.config import TrainConfig
-    from loratag.train import TrainState, _Optimizer
 
     def lrs(scheduler, optimizer, n):
         out = []
@@ -274,7 +170,7 @@ def test_the_schedule_is_transformers_linear_warmup_and_decay():
 
     model = torch.nn.Linear(3, 2)
     t = TrainConfig(lr=1e-3, warmup_ratio=0.1)
-    ours = _Optimizer.build(model, t, TrainState(steps=[30, 20]), torch.device("cpu"), None)
+    ours = Optimizer(model, t, 50, torch.device("cpu"), None)
     theirs_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     theirs = get_linear_schedule_with_warmup(theirs_opt, 5, 50)
     assert lrs(ours.scheduler, ours.optimizer, 50) == pytest.approx(lrs(theirs, theirs_opt, 50), abs=1e-12)
@@ -284,16 +180,15 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_loop_version_does():
     """loratag's AdamW runs fused (one kernel for all tensors; Trainer's default too). Its updates must be the
     loop version's, decay groups included, to float rounding: 20 steps on the same loss."""
     from loratag.config import TrainConfig
-    from loratag.train import TrainState, _Optimizer
 
     torch.manual_seed(0)
     ours_model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
     loop_model = copy.deepcopy(ours_model)
     start = copy.deepcopy(ours_model)
     t = TrainConfig(lr=1e-2, warmup_ratio=0.0, weight_decay=0.01)
-    ours = _Optimizer.build(ours_model, t, TrainState(steps=[1000]), torch.device("cpu"), None)
+    ours = Optimizer(ours_model, t, 1000, torch.device("cpu"), None)
     assert all(g["fused"] is True for g in ours.optimizer.param_groups)
-    loop = torch.optim.AdamW(_param_groups(loop_model, 0.01, 1e-2), lr=1e-2, foreach=False, fused=False)
+    loop = torch.optim.AdamW(param_groups(loop_model, 0.01, 1e-2), lr=1e-2, foreach=False, fused=False)
     x = torch.randn(16, 4)
     for _ in range(20):
         for model, opt in ((ours_model, ours.optimizer), (loop_model, loop)):

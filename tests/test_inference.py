@@ -6,9 +6,9 @@ import torch
 
 from loratag.cli import main
 from loratag.encoding import plan_windows
-from loratag.inference import Tagger
 from loratag.labels import LabelSet
 from loratag.modeling import load_tokenizer
+from loratag.tagger import Tagger
 from loratag.text import split_sentences, split_words
 from loratag.train import train
 
@@ -99,7 +99,7 @@ def test_document_three_times_the_limit_with_an_entity_on_a_window_boundary(loca
         owners = {w: j for j, (_, _, first, last) in enumerate(plan) for w in range(first, last)}
         hit_boundary += owners[k] != owners[k + 1]  # NF-kappa and B are predicted by different windows
         doc = local_model.predict_text(text)
-        assert len(doc.words) == len(words) and local_model.label_words([words])[1] == 1
+        assert len(doc.words) == len(words) and local_model.word_logits([words]).windowed == 1
         assert [(e.text, e.label) for e in doc.entities] == [("NF-kappa B", "protein")]
         e = doc.entities[0]
         assert text[e.start : e.end] == "NF-kappa B"
@@ -198,8 +198,8 @@ def test_predict_formats(tiny_run, tmp_path, capsys):
 
 
 def test_highlight_marks_entities():
-    from loratag.inference import TaggedDocument
-    from loratag.predict import highlight
+    from loratag.predict.formats import highlight
+    from loratag.tagger import TaggedDocument
     from loratag.text import Entity
 
     doc = TaggedDocument("NF-kappa B binds", entities=[Entity("NF-kappa B", "protein", 0, 10, 0.9)])
@@ -226,7 +226,7 @@ def test_constrained_decoding_is_viterbi_over_the_word_logits(tiny_run):
     tagger = Tagger.load(tiny_run, decode="constrained", precision="fp32")
     names = tagger.labels.labels
     expected = [[names[j] for j in viterbi(w.log_softmax(-1), names)] for w in tagger.word_logits(words)]
-    assert tagger.predict_words(words) == expected
+    assert [labels for labels, _ in tagger.tag_words(words)] == expected
     result = evaluate(tagger, load_corpus(str(RESOURCES / "tiny")).splits["test"])
     assert result["decode"] == "constrained"
     with pytest.raises(ValueError, match="--decode must be one of"):

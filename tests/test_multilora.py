@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loratag import multilora
+from loratag.serve import multilora
 
 
 def _peft_model(base_dir, configs: dict):

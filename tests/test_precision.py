@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from loratag import modeling
-from loratag.inference import Tagger
-from loratag.modeling import cpu_bf16, resolve_precision
-from loratag.modeling import cpu_features as real_cpu_features
+from loratag import precision
+from loratag.precision import cpu_bf16, resolve_precision
+from loratag.precision import cpu_features as real_cpu_features
+from loratag.tagger import Tagger
 from loratag.train import train_and_load
 
 from .conftest import AMX, AVX2, ZEN4, guide_lora, guide_train
@@ -33,7 +33,7 @@ BF16_ATOL = 0.05
     ids=["avx2", "avx512_bf16", "amx"],
 )
 def test_auto_precision_per_cpu_kind(monkeypatch, features, kind, expected):
-    monkeypatch.setattr(modeling, "cpu_features", lambda: features)
+    monkeypatch.setattr(precision, "cpu_features", lambda: features)
     assert cpu_bf16() == kind
     assert resolve_precision("auto", torch.device("cpu")) == expected
     # an explicit choice is kept whatever the machine
@@ -50,9 +50,9 @@ def test_auto_precision_on_cuda(monkeypatch):
 
 def test_detection_reads_the_flags_not_only_torch(monkeypatch):
     """Zen 4 reports torch capability AVX512 (not AVX512_BF16): the cpuinfo flag must decide."""
-    monkeypatch.setattr(modeling, "cpu_features", lambda: (frozenset({"avx512f", "avx512_bf16"}), "AVX512"))
+    monkeypatch.setattr(precision, "cpu_features", lambda: (frozenset({"avx512f", "avx512_bf16"}), "AVX512"))
     assert cpu_bf16() == "avx512_bf16"
-    monkeypatch.setattr(modeling, "cpu_features", lambda: (frozenset({"avx512f"}), "AVX512"))
+    monkeypatch.setattr(precision, "cpu_features", lambda: (frozenset({"avx512f"}), "AVX512"))
     assert cpu_bf16() == "emulated"
 
 

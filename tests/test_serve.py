@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loratag.config import Config
-from loratag.inference import Tagger
-from loratag.serve import AdapterPool, ServeSettings, create_app, parse_runs
+from loratag.config import Config, ServeSettings
+from loratag.serve.app import create_app
+from loratag.serve.pool import AdapterPool, parse_runs
+from loratag.tagger import Tagger
 from loratag.train import train
 
 from .conftest import RESOURCES, guide_lora, guide_train
@@ -137,10 +138,31 @@ def test_malformed_json_is_422(client):
     assert r.status_code == 422 and "json" in r.text.lower()
 
 
-def test_full_queue_is_503_with_retry_after(pool):
-    app, _ = create_app(pool, ServeSettings(max_queue=0))
-    with TestClient(app) as c:
-        r = c.post("/v1/tag", json={"adapter": "genes", "text": "IL-2"})
+def test_full_queue_is_503_with_retry_after(pool, monkeypatch):
+    """One request in the worker (held there), one in a queue of one: the next is answered 503 at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entered, release = threading.Event(), threading.Event()
+    real = pool.tag
+
+    def held(adapters, texts):
+        entered.set()
+        release.wait(60)
+        return real(adapters, texts)
+
+    monkeypatch.setattr(pool, "tag", held)
+    wrapped, app = create_app(pool, ServeSettings(max_queue=1, workers=1, wait_ms=0))
+    body = {"adapter": "genes", "text": "IL-2"}
+    with TestClient(wrapped) as c, ThreadPoolExecutor(2) as ex:
+        first = ex.submit(c.post, "/v1/tag", json=body)
+        assert entered.wait(60)
+        second = ex.submit(c.post, "/v1/tag", json=body)
+        deadline = time.monotonic() + 60
+        while app.state.batcher.queue.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/v1/tag", json=body)
+        release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
 
 
@@ -245,7 +267,7 @@ try:
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
 
-    from loratag.serve import TEXT_FORMAT
+    from loratag.serve.app import TEXT_FORMAT
 
     # texts as JSON can carry them: any code point, lone surrogates (Cs) and control characters (Cc) included,
     # mixed with the words a tagger sees
@@ -306,7 +328,7 @@ def test_browser_page_highlights_entities(server, runs):
 
 def test_peft_mixed_batch_path_gives_the_same_answers(runs, monkeypatch):
     """Where adapters cannot be stacked (multilora.build returns None), PEFT's own path answers the same."""
-    from loratag import multilora
+    from loratag.serve import multilora
 
     stacked = AdapterPool([(r, r.name) for r in runs])
 

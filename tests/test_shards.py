@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from loratag.cli import main
-from loratag.shards import MANIFEST, find_shards, predict_shards, read_manifest
+from loratag.predict.ray import ray_engine
+from loratag.predict.shards import MANIFEST, TaggerSpec, find_shards, predict_shards, read_manifest
 
 from .conftest import RESOURCES, guide_lora, guide_train
 
@@ -58,7 +59,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _kw(run):
-    return {"path": run, "precision": "fp32"}
+    return TaggerSpec(run, precision="fp32")
 
 
 def _tree(out: Path) -> dict[str, bytes]:
@@ -157,60 +158,73 @@ def test_local_kill_9_then_rerun_completes_every_shard_once(run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A local Ray cluster of 2 CPUs; its actors write their pids into ``pids`` (rayengine.PID_DIR_ENV)."""
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs."""
     ray = pytest.importorskip("ray")
-    from loratag import rayengine
-
-    pids = tmp_path_factory.mktemp("ray-pids")
-    old = os.environ.get(rayengine.PID_DIR_ENV)
-    os.environ[rayengine.PID_DIR_ENV] = str(pids)  # the cluster's processes inherit it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address, pids
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-    if old is None:
-        os.environ.pop(rayengine.PID_DIR_ENV, None)
-    else:
-        os.environ[rayengine.PID_DIR_ENV] = old
+
+
+def _actor_pids() -> set[int]:
+    """The processes of Ray Data actors holding a ShardTagger (Ray names each worker process after its actor)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ShardTagger" in (proc / "cmdline").read_bytes():
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 def test_ray_output_is_byte_identical_to_local(run, corpus, ray_cluster, tmp_path):
     local, remote = tmp_path / "local", tmp_path / "ray"
     predict_shards(_kw(run), corpus, local, progress=False)
-    summary = predict_shards(_kw(run), corpus, remote, engine="ray", actors=2, progress=False)
+    summary = predict_shards(_kw(run), corpus, remote, engine=ray_engine(actors=2), progress=False)
     assert summary["tagged"] == 4 and summary["documents"] == 320
     assert _tree(remote) == _tree(local)
     assert sorted(_manifest_lines(remote)) == sorted(_manifest_lines(local))
 
 
 def test_ray_a_killed_actor_is_replaced_and_every_shard_is_written_once(run, ray_cluster, tmp_path):
-    _, pids = ray_cluster
+    if not Path("/proc/self/cmdline").is_file():
+        pytest.skip("finds the actor's process through /proc")
     inputs = _many_shards(tmp_path, n=12)
     clean = tmp_path / "clean"
     predict_shards(_kw(run), inputs, clean, progress=False)
-    for p in pids.iterdir():
-        p.unlink()
-    killed = []
+    before = _actor_pids()  # actors of earlier tests may linger until Ray reaps them
+    killed, seen = [], set()
 
-    def killer():  # kill the first actor as soon as it has loaded its model, before or while it tags
+    def killer():  # kill the first new actor as soon as it exists, before or while it tags
         deadline = time.time() + 300
         while time.time() < deadline:
-            for p in pids.iterdir():
+            for pid in _actor_pids() - before:
                 try:
-                    os.kill(int(p.name), signal.SIGKILL)
-                    killed.append(int(p.name))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                 except ProcessLookupError:
                     continue
                 return
             time.sleep(0.01)
 
+    def watcher():  # every actor process the job had
+        while t.is_alive() or not done.is_set():
+            seen.update(_actor_pids() - before)
+            time.sleep(0.02)
+
+    done = threading.Event()
     t = threading.Thread(target=killer)
+    w = threading.Thread(target=watcher)
     t.start()
+    w.start()
     out = tmp_path / "out"
-    summary = predict_shards(_kw(run), inputs, out, engine="ray", actors=1, progress=False)
+    summary = predict_shards(_kw(run), inputs, out, engine=ray_engine(actors=1), progress=False)
+    done.set()
     t.join()
+    w.join()
     assert killed, "no actor was killed"
-    assert len(list(pids.iterdir())) >= 2, "the killed actor was not replaced"
+    assert len(seen | set(killed)) >= 2, "the killed actor was not replaced"
     assert summary["tagged"] == 12
     assert _tree(out) == _tree(clean)
     names = _manifest_lines(out)
@@ -223,7 +237,7 @@ def test_ray_driver_kill_9_then_rerun_completes_every_shard_once(run, ray_cluste
     predict_shards(_kw(run), inputs, clean, progress=False)
     out = tmp_path / "out"
     args = ["predict", str(run), "--precision", "fp32", "--input", str(inputs), "--output", str(out)]
-    args += ["--engine", "ray", "--ray-address", ray_cluster[0]]
+    args += ["--engine", "ray", "--ray-address", ray_cluster]
     proc = _cli(args)
     _kill_after_first_shard(proc, out)
     assert len(read_manifest(out)) < 16, "the run finished before it could be killed"

@@ -12,7 +12,7 @@ import torch
 
 from loratag.cli import main
 from loratag.config import Config
-from loratag.inference import Tagger
+from loratag.tagger import Tagger
 from loratag.train import train, train_and_load
 
 from .conftest import RESOURCES
@@ -198,7 +198,7 @@ def test_sigkill_then_resume_gives_the_same_result(tiny_bert, tmp_path):
 def test_a_batch_whose_windows_own_no_words_gives_zero_loss():
     """Such a batch used to divide by zero (its global label count is 0); now it contributes nothing."""
     from loratag.encoding import IGNORE
-    from loratag.train import token_loss
+    from loratag.train.session import token_loss
 
     logits = torch.randn(2, 5, 7, requires_grad=True)
     gold = torch.full((2, 5), IGNORE)
@@ -211,7 +211,7 @@ def test_a_batch_whose_windows_own_no_words_gives_zero_loss():
 def test_token_loss_is_the_global_token_mean():
     """Two processes' losses, each divided by the global batch's labelled tokens and multiplied by the world
     (DDP then averages), give the gradient of one process on the global batch."""
-    from loratag.train import token_loss
+    from loratag.train.session import token_loss
 
     torch.manual_seed(0)
     logits = torch.randn(4, 6, 7)
@@ -247,6 +247,6 @@ def test_all_linear_adapts_every_encoder_linear_layer_not_the_head(base, request
     assert not any("classifier" in n for n in adapted)
     assert "classifier" in str(model.peft_config["default"].modules_to_save)
     run, tagger = train_and_load(replace(cfg, train=replace(cfg.train, epochs=1)), tmp_path / "r", progress=False)
-    assert len(tagger.predict_words(WORDS)) == 2
+    assert len(tagger.tag_words(WORDS)) == 2
     saved = json.loads((run / "adapter/adapter_config.json").read_text())["target_modules"]
     assert set(saved) == {"query", "key", "value", "dense"}

@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return Config
     if name == "Tagger":
-        from .inference import Tagger
+        from .tagger import Tagger
 
         return Tagger
     if name == "train":

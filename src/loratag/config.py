@@ -27,12 +27,12 @@ class LoraSettings:
         0.0,
         "--lora-dropout",
         "dropout on the LoRA path (guide: 0.1). 0 by default: on a CPU each LoRA module's dropout mask costs more "
-        "than its matmuls (training ran 1.36x faster without it: MiniLM, top 3 layers, Zen 4 CPU, bf16)",
+        "than its matmuls (docs/study.md)",
     )
     bias: str = _opt(
         "all",
         "--bias",
-        "which biases train: none | all | lora_only (guide: all; 'none' cost ~4.5 F1 on a held-out corpus). "
+        "which biases train: none | all | lora_only (guide: all; 'none' scored lower in the study, docs/study.md). "
         "loratag serve keeps each adapter's biases apart, so adapters with trained biases share one base",
         choices=BIASES,
     )
@@ -49,8 +49,8 @@ class LoraSettings:
         "adapt only the top layers of the encoder (LoRA and trained biases): a count (3: the top 3) or a fraction "
         "below 1 (0.5: the top half, rounded up; the same share of a 6-layer MiniLM and a 24-layer roberta-large). "
         "The layers below stay frozen, and in training their output is computed once per run and cached, so each "
-        "epoch runs only the adapted layers. Default: every layer (in the study, the top half with 5 epochs gave "
-        "0.7464 validation F1 in 14.1 training minutes, every layer with 2 epochs 0.7593 in 12.3)",
+        "epoch runs only the adapted layers. Default: every layer (which scored higher at equal time in the "
+        "study, docs/study.md)",
     )
     rslora: bool = _opt(False, "--rslora", "rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r")
 
@@ -133,8 +133,8 @@ class TrainConfig:
         "constrained",
         "--decode",
         "how validation picks the best epoch and how the run predicts by default: argmax (each word's best "
-        "label; guide) or constrained (the best valid IOB2 sequence: +1.6 to +3.4 validation F1 at the kept "
-        "epoch in the study)",
+        "label; guide) or constrained (the best valid IOB2 sequence; higher validation F1 in the study, "
+        "docs/study.md)",
         choices=DECODINGS,
     )
     time_budget: float | None = _opt(
@@ -210,7 +210,7 @@ class Config:
         try:
             lora = LoraSettings(**_known(LoraSettings, d.pop("lora", {}) or {}, source, "lora"))
             train = TrainConfig(**_known(TrainConfig, d.pop("train", {}) or {}, source, "train"))
-            return cls(lora=lora, train=train, **_known(cls, d, source, ""))
+            return cls(lora=lora, train=train, **_known(cls, d, source, "top level"))
         except TypeError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -228,13 +228,32 @@ class Config:
         return cls.from_dict(d, str(path))
 
 
+SECTIONS = {"top level": None, "lora": LoraSettings, "train": TrainConfig}  # where each key of a config file goes
+
+
 def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names - {"lora", "train"})
+    """``d``'s keys, all of which must be fields of ``cls``; an unknown one is an error that says where it belongs,
+    if it belongs anywhere (a train key under lora would otherwise be lost without a word)."""
+    names = {f.name for f in fields(cls) if f.name not in ("lora", "train")}
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: section {section!r} must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - names)
     if unknown:
-        where = f" in section {section!r}" if section else ""
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}{where}; known: {', '.join(sorted(names))}")
-    return {k: v for k, v in d.items() if k in names}
+        homes = []
+        for key in unknown:
+            home = [s for s, c in SECTIONS.items() if s != section and key in _field_names(c)]
+            homes.append(f"{key!r} belongs in section {home[0]!r}" if home else f"{key!r} is no setting")
+        raise ValueError(
+            f"{source}: unknown key(s) in section {section!r}: {'; '.join(homes)}; "
+            f"known here: {', '.join(sorted(names))}"
+        )
+    return dict(d)
+
+
+def _field_names(cls: type | None) -> set[str]:
+    if cls is None:  # the top level: Config's own settings and its two sections
+        return {"model", "data", "lora", "train"}
+    return {f.name for f in fields(cls)}
 
 
 def _split_csv(text: str) -> tuple[str, ...] | None:
@@ -253,7 +272,7 @@ class ServeSettings:
 
     wait_ms: float = _opt(5.0, "--batch-wait-ms", "how long a worker gathers requests into one batch, in ms")
     max_batch_texts: int = _opt(256, "--max-batch-texts", "texts per forward batch at most")
-    max_queue: int = _opt(1024, "--max-queue", "queued requests before answering 503 with Retry-After")
+    max_queue: int = _opt(1024, "--max-queue", "queued requests (>= 1) before answering 503 with Retry-After")
     max_body_bytes: int = _opt(1 << 20, "--max-body-bytes", "request body size limit (413 over it)")
     drain_body_bytes: int = _opt(
         32 << 20,
@@ -275,7 +294,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         for f in option_fields(ServeSettings):
             value = getattr(self, f.name)
-            least = 0 if f.name in ("wait_ms", "max_queue") else 1
+            least = 0 if f.name == "wait_ms" else 1  # a queue of 0 would answer every request 503
             if value < least:
                 raise ValueError(f"{f.metadata['flag']} must be >= {least}, got {value}")
         if self.workers < 1:

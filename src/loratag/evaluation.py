@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .data import Sentence
-from .inference import Tagger
+from .tagger import Tagger
 
 MODE = "default (conlleval-compatible, seqeval)"
 
@@ -19,16 +19,22 @@ def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict
         if len(g) != len(p):
             raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted; every word must be scored")
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    # plain floats, not numpy's: scores go into checkpoints, which hold plain values only
     per_type = {
-        k: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"], "support": int(v["support"])}
+        k: {
+            "precision": float(v["precision"]),
+            "recall": float(v["recall"]),
+            "f1": float(v["f1-score"]),
+            "support": int(v["support"]),
+        }
         for k, v in report.items()
         if not k.endswith(" avg")
     }
     return {
-        "precision": precision_score(gold, pred, zero_division=0),
-        "recall": recall_score(gold, pred, zero_division=0),
-        "f1": f1_score(gold, pred, zero_division=0),
-        "accuracy": accuracy_score(gold, pred),
+        "precision": float(precision_score(gold, pred, zero_division=0)),
+        "recall": float(recall_score(gold, pred, zero_division=0)),
+        "f1": float(f1_score(gold, pred, zero_division=0)),
+        "accuracy": float(accuracy_score(gold, pred)),
         "per_type": per_type,
         "sentences": len(gold),
         "words": sum(len(g) for g in gold),
@@ -45,7 +51,8 @@ def evaluate(
     (``by_decode``: overall precision, recall and F1 of each); the main scores are the tagger's own decoding."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     names = (tagger.decode, *[d for d in decodes if d != tagger.decode])
-    mine = tagger.label_words_each([s.tokens for s in sentences[rank::world]], names, progress=progress)
+    logits = tagger.word_logits([s.tokens for s in sentences[rank::world]], progress)
+    mine = ({d: [labels for labels, _ in tagger.decode_logits(logits, decode=d)] for d in names}, logits.windowed)
     parts = dist.gather(mine) if dist is not None else [mine]
     gold = [s.tags for s in sentences]
     by = {d: scores(gold, [parts[i % world][0][d][i // world] for i in range(len(sentences))]) for d in names}

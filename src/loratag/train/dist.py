@@ -8,7 +8,6 @@ gradients of the trainable (LoRA) parameters only.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -66,29 +65,14 @@ class Dist:
         return out
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on rank 0 (so that all ranks take collective steps together)."""
+        """True on every rank if it is true on any rank (so that all ranks take collective steps together: a
+        deadline one rank has passed stops every rank)."""
         if not self.active:
             return flag
         t = torch.tensor([1 if flag else 0], device=self.comm)
-        torch.distributed.broadcast(t, 0)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
     def close(self) -> None:
         if self.started_here:
             torch.distributed.destroy_process_group()
-
-
-def launch_command(processes: int) -> list[str]:
-    """The command line that starts ``loratag`` in ``processes`` local processes (torchrun when more than one);
-    append loratag's own arguments."""
-    if processes <= 1:
-        return [sys.executable, "-m", "loratag"]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "loratag",
-    ]

@@ -1,9 +1,6 @@
-"""`loratag serve`: the HTTP application (FastAPI + uvicorn, imported only here) over the adapter pool and batcher.
-
-The parts, each readable and testable alone: pool.py (one base, many adapters, per-row LoRA and biases),
-batcher.py (requests gathered into shared forward passes on worker threads), asgi.py (body limit, metrics
-middleware), and this module (settings, request and response schemas, routes, limits, running). The settings'
-defaults live in ServeSettings only; the CLI reads its flags and defaults from there.
+"""`loratag serve`: the HTTP application (FastAPI + uvicorn, imported only here) over the adapter pool and batcher:
+request and response schemas, routes, limits, metrics, running. The settings' defaults live in
+config.ServeSettings only; the CLI reads its flags and defaults from there.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
@@ -17,11 +14,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from ..config import ServeSettings
+from ..text import count_words
 from .asgi import BodyLimit, Observe
 from .batcher import Batcher, QueueFull
-from .config import ServeSettings, serve_fields  # noqa: F401  (defaults: one place)
-from .pool import AdapterPool, parse_runs  # noqa: F401  (the serving API in one place)
-from .text import count_words
+from .pool import AdapterPool
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +133,26 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
 
+def _within_limits(req: TagRequest, settings: ServeSettings) -> list[str]:
+    """The request's texts, or the HTTP error (422, 413) that names the limit they exceed."""
+    from fastapi import HTTPException
+
+    texts = [req.text] if req.text is not None else req.texts
+    if req.texts is not None and not 1 <= len(texts) <= settings.max_texts:
+        msg = f"'texts' must hold 1 to {settings.max_texts} texts"
+        raise HTTPException(422, [{"loc": ["body", "texts"], "msg": msg, "type": "value_error"}])
+    for i, t in enumerate(texts):
+        if len(t) > settings.max_text_chars:
+            raise HTTPException(
+                413, f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars} (--max-text-chars)"
+            )
+    return texts
+
+
+def _describe(a) -> dict:
+    return {"name": a.name, "labels": list(a.labels.labels), "bias": a.bias, "decode": a.decode, "metrics": a.metrics}
+
+
 def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
     """The ASGI application, wrapped in its middlewares, and the FastAPI app inside (tests call it in-process).
     The worker threads start with the first request and stop when the app shuts down (ASGI lifespan)."""
@@ -175,9 +192,6 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
         body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
         return Response(body, status_code=422, media_type="application/json")
 
-    def invalid(field: str, msg: str):
-        return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
-
     @app.post(
         "/v1/tag",
         response_model=TagResponse,
@@ -192,14 +206,7 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
         """Entities of each text (`text`, `label`, `start`, `end`, `score`), as `loratag predict` gives them."""
         if req.adapter not in pool.adapters:
             raise HTTPException(404, f"unknown adapter {req.adapter!r}; known: {', '.join(pool.adapters)}")
-        texts = [req.text] if req.text is not None else req.texts
-        if req.texts is not None and not 1 <= len(texts) <= settings.max_texts:
-            raise invalid("texts", f"'texts' must hold 1 to {settings.max_texts} texts")
-        for i, t in enumerate(texts):
-            if len(t) > settings.max_text_chars:
-                raise HTTPException(
-                    413, f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars} (--max-text-chars)"
-                )
+        texts = _within_limits(req, settings)
         words = await asyncio.to_thread(lambda: sum(count_words(t) for t in texts))
         if words > settings.max_words:
             raise HTTPException(413, f"{words} words in this request; the limit is {settings.max_words} (--max-words)")
@@ -214,18 +221,7 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
     @app.get("/v1/adapters", response_model=AdaptersResponse)
     async def adapters():
         """The adapters this server holds, their labels, which biases they trained, and their test metrics."""
-        return {
-            "adapters": [
-                {
-                    "name": a.name,
-                    "labels": list(a.labels.labels),
-                    "bias": a.bias,
-                    "decode": a.decode,
-                    "metrics": a.metrics,
-                }
-                for a in pool.adapters.values()
-            ]
-        }
+        return {"adapters": [_describe(a) for a in pool.adapters.values()]}
 
     @app.get("/healthz")
     async def healthz():
@@ -252,10 +248,9 @@ def cpu_cores() -> int:
 
 
 def default_workers(pool: AdapterPool) -> int:
-    """Two worker threads on a CPU with two cores or more (each then runs its own batch on its share of the
-    cores: on 2 cores with MiniLM and 8 adapters, two 1-thread workers tagged 1.05-1.3x the sentences/s of one
-    2-thread worker in batches of 16, and 1.3-1.6x one by one); one on a GPU, and where PEFT's own mixed-batch
-    path serialises calls."""
+    """Two worker threads on a CPU with two cores or more (each then runs its own batch on its share of the cores,
+    which tagged more sentences/s than one worker on all of them: docs/serving.md); one on a GPU, and where PEFT's
+    own mixed-batch path serialises calls."""
     if pool.tagger.device.type != "cpu" or not pool.stacked:
         return 1
     return min(2, cpu_cores())
@@ -270,7 +265,7 @@ def share_cores(pool: AdapterPool, workers: int) -> None:
         torch.set_num_threads(max(1, cpu_cores() // workers))
 
 
-def run(pool: AdapterPool, host: str, port: int, settings: ServeSettings) -> None:
+def serve(pool: AdapterPool, host: str, port: int, settings: ServeSettings) -> None:
     """Serve until interrupted."""
     import torch
     import uvicorn

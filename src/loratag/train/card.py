@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .labels import LabelSet
+from ..config import Config
+from ..labels import LabelSet
+from ..modeling import hub_id
+from ..plot import plot_runs
+from ..rundir import CARD, CURVES, write_atomic
+
+
+def data_name(data: str) -> str:
+    """How the card names the training data: a Hub dataset by its id, a local folder by its name only (a path on
+    the trainer's machine means nothing to a reader, and may say more than intended)."""
+    local = data.startswith(("/", ".", "~")) or Path(data).expanduser().exists()
+    return Path(data).name if local else data
 
 
 def _row(name: str, m: dict) -> str:
@@ -15,17 +25,18 @@ def _row(name: str, m: dict) -> str:
 
 def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dict) -> None:
     test = metrics.get("test")
+    base = hub_id(cfg.model)
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {cfg.model}",
+        f"base_model: {base}",
         "pipeline_tag: token-classification",
         "tags: [loratag, lora, token-classification, ner]",
         "---",
         "",
-        f"# LoRA token classifier on {cfg.model}",
+        f"# LoRA token classifier on {base}",
         "",
-        f"Trained with loratag on `{cfg.data}`: LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+        f"Trained with loratag on `{data_name(cfg.data)}`: LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
         f"dropout={cfg.lora.dropout}, bias={cfg.lora.bias}, {_where(cfg)}, lr={cfg.train.lr}, "
         f"{_length(cfg, metrics)}. "
         f"Trainable parameters: {run.get('trainable_params', '?'):,}. Decoding: {cfg.train.decode}.",
@@ -48,13 +59,11 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
             f"Accuracy (per word): {test['accuracy']:.4f}",
             "",
         ]
-    from .plot import plot_runs
-
-    plot_runs([out], out / "curves.png", title=f"{out.name}: validation F1 by wall-clock time")
+    plot_runs([out], out / CURVES, title=f"{out.name}: validation F1 by wall-clock time")
     lines += [
         "## Validation F1 by epoch",
         "",
-        "![validation F1 against minutes since the run began](curves.png)",
+        f"![validation F1 against minutes since the run began]({CURVES})",
         "",
         "| epoch | steps | minutes (wall, evaluations included) | train loss | validation F1 |",
         "| --- | --- | --- | --- | --- |",
@@ -67,16 +76,16 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         "## Use",
         "",
         "```python",
-        "from loratag.inference import Tagger",
+        "from loratag.tagger import Tagger",
         f'tagger = Tagger.load("{out.name}")',
         'print(tagger.predict_text("IL-2 gene expression requires NF-kappa B."))',
         "```",
         "",
-        "or with plain PEFT: `PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(base, "
-        "num_labels=...), 'adapter')`.",
+        f"or with plain PEFT: `PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained("
+        f"'{base}', num_labels={len(labels)}), 'adapter')`.",
         "",
     ]
-    (out / "README.md").write_text("\n".join(lines))
+    write_atomic(out / CARD, "\n".join(lines).encode("utf-8"))
 
 
 def _where(cfg: Config) -> str:

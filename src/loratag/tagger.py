@@ -1,8 +1,7 @@
-"""The one prediction path: evaluate, predict and (later) serve all call Tagger."""
+"""The one prediction path: evaluate, predict and serve all call Tagger (word logits, then decoding)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -11,22 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .config import DECODINGS, FORMAT, Config
+from .config import DECODINGS
 from .encoding import collate, encode, inference_batches
 from .labels import LabelSet, repair_iob2, viterbi
-from .modeling import (
-    adapter_base,
-    adapter_labels,
-    autocast,
-    device_of,
-    load_adapter,
-    load_tokenizer,
-    model_max_length,
-    precision_name,
-    resolve_model,
-    resolve_precision,
-)
+from .modeling import load_adapter, load_tokenizer, model_max_length, resolve_model
+from .precision import autocast, device_of, precision_name, resolve_precision
 from .progress import bar as progress_bar
+from .rundir import resolve_adapter
 from .text import Entity, Word, entities, split_sentences
 
 log = logging.getLogger(__name__)
@@ -54,24 +44,13 @@ def quantize_int8(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def locate(path: Path) -> tuple[Path, Config | None]:
-    """The adapter folder of a loratag run directory (with the run's Config) or of a plain PEFT adapter."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"run or adapter directory not found: {path}")
-    cfg_path = path / "config.json"
-    cfg, adapter = None, path
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("format") == FORMAT:
-        cfg, adapter = Config.load(cfg_path), path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: no adapter_config.json; expected a loratag run or a PEFT adapter")
-    return adapter, cfg
+class WordLogits(list):
+    """Per sentence, a float32 ``(words, labels)`` tensor; and ``windowed``: how many sentences needed more than one
+    window (evaluation reports it)."""
 
-
-def known_labels(path: Path) -> LabelSet | None:
-    """The label order a run or adapter carries (run labels.json, adapter config.json); None if it says none."""
-    adapter, cfg = locate(path)
-    return adapter_labels(adapter, Path(path) if cfg is not None else None)
+    def __init__(self, logits: list[torch.Tensor], windowed: int):
+        super().__init__(logits)
+        self.windowed = windowed
 
 
 class Tagger:
@@ -113,41 +92,32 @@ class Tagger:
         base: str | None = None,
         **kw,
     ) -> Tagger:
-        """From a loratag run directory or a plain PEFT adapter directory.
-
-        ``labels``: the label order of the classifier head, for adapters that do not carry it (the PEFT guide's
-        code saves none); without it the run's labels.json or the adapter's config.json must say, else this
-        stops. ``base``: the base model, instead of the one the run or adapter names. ``merge``: fold the LoRA
+        """From a loratag run directory or a plain PEFT adapter directory (``rundir.resolve_adapter`` says which
+        labels, base and decoding: ``labels`` and ``base`` as ``--labels`` and ``--base``). ``merge``: fold the LoRA
         weights (and the adapter's classifier head) into the base model, so inference runs a plain transformers
-        model. ``quantize="int8"``: dynamic int8 Linear layers (CPU)."""
-        path = Path(path)
-        adapter, cfg = locate(path)
-        if cfg is not None:
-            kw.setdefault("max_length", cfg.train.max_length)
+        model. ``quantize="int8"``: dynamic int8 Linear layers (CPU, fp32 around them)."""
+        ref = resolve_adapter(Path(path), labels, base)
+        kw.setdefault("max_length", ref.max_length)
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
-            kw["decode"] = cfg.train.decode if cfg is not None else "argmax"
-        labels = labels or adapter_labels(adapter, path if cfg is not None else None)
-        if labels is None:
-            raise ValueError(
-                f"{path}: the adapter does not say its label order (no labels.json, no config.json with id2label); "
-                'pass it with --labels label.json ({"O": 0, "B-X": 1, ...}, the ids of the classifier head)'
-            )
-        user_base = base is not None
-        if cfg is not None:
-            base = base or cfg.model
-        base = base or adapter_base(adapter)
-        model = load_adapter(adapter, labels, base, user_base=user_base).to(device_of(device))
-        tokenizer = load_tokenizer(resolve_model(base))
+            kw["decode"] = ref.decode
+        if quantize not in (None, "int8"):
+            raise ValueError(f"--quantize must be int8, got {quantize!r}")
+        if quantize == "int8":
+            if kw.get("precision", "auto") not in ("auto", "fp32"):
+                raise ValueError(
+                    f"--quantize int8 runs int8 matmuls with fp32 around them; it cannot run with --precision "
+                    f"{kw['precision']} (leave --precision out, or give fp32)"
+                )
+            if device_of(device).type != "cpu":
+                raise ValueError("--quantize int8 runs on the CPU only; use --precision fp16/bf16 on GPUs")
+            kw["precision"] = "fp32"
+        model = load_adapter(ref.adapter_dir, ref.labels, ref.base, user_base=ref.user_base).to(device_of(device))
+        tokenizer = load_tokenizer(resolve_model(ref.base))
         if merge or quantize:
             model = model.merge_and_unload().eval()
         if quantize == "int8":
-            if device_of(device).type != "cpu":
-                raise ValueError("--quantize int8 runs on the CPU only; use --precision fp16/bf16 on GPUs")
             model = quantize_int8(model)
-            kw["precision"] = "fp32"
-        elif quantize is not None:
-            raise ValueError(f"--quantize must be int8, got {quantize!r}")
-        return cls(model, tokenizer, labels, device=device_of(device), **kw)
+        return cls(model, tokenizer, ref.labels, device=device_of(device), **kw)
 
     def export(self, out: str | Path) -> None:
         """A standalone transformers model: LoRA merged, the adapter's classifier head, id2label/label2id."""
@@ -160,19 +130,14 @@ class Tagger:
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
+    @torch.inference_mode()
     def word_logits(
         self, sentences: Sequence[Sequence[str]], progress: bool = False, adapters: Sequence[str] | None = None
-    ) -> list[torch.Tensor]:
-        """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from
-        the window where the word is most central. ``adapters``: one adapter name per sentence, for a model
-        holding several adapters (passed as ``adapter_names``: to PEFT, or to multilora.MultiLoraModel)."""
-        return self._forward(sentences, progress, adapters)[0]
-
-    @torch.inference_mode()
-    def _forward(
-        self, sentences: Sequence[Sequence[str]], progress: bool, adapters: Sequence[str] | None
-    ) -> tuple[list[torch.Tensor], int]:
-        """word_logits, and how many sentences needed more than one window."""
+    ) -> WordLogits:
+        """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from the
+        window where the word is most central (and how many sentences needed more than one window). ``adapters``:
+        one adapter name per sentence, for a model holding several (passed as ``adapter_names``: to PEFT, or to
+        serve.multilora.MultiLoraModel)."""
         windows, windowed = encode(self.tokenizer, sentences, self.max_length)
         out = [torch.zeros(len(s), len(self.labels)) for s in sentences]
         was_training = self.model.training
@@ -200,9 +165,9 @@ class Tagger:
         finally:
             bar.close()
             self.model.train(was_training)
-        return out, windowed
+        return WordLogits(out, windowed)
 
-    def word_predictions(
+    def tag_words(
         self,
         sentences: Sequence[Sequence[str]],
         progress: bool = False,
@@ -210,19 +175,20 @@ class Tagger:
         label_sets: Sequence[LabelSet] | None = None,
         decodes: Sequence[str] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
-        """Per sentence, IOB2 labels and their probabilities (``label_sets``, ``decodes``: one per sentence, when
-        adapters differ). Decoding "argmax": each word's most probable label, an I-X that opens an entity read as
-        B-X, as conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after O or
-        another type)."""
-        return self._decode(self.word_logits(sentences, progress, adapters), label_sets, decodes)
+        """Pre-split words -> per sentence, IOB2 labels and their probabilities (``adapters``, ``label_sets``,
+        ``decodes``: one per sentence, when adapters differ)."""
+        return self.decode_logits(self.word_logits(sentences, progress, adapters), label_sets, decodes)
 
-    def _decode(
+    def decode_logits(
         self,
         word_logits: list[torch.Tensor],
         label_sets: Sequence[LabelSet] | None = None,
         decode: str | Sequence[str] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
-        """``decode``: one decoding for all sentences, or one per sentence; default: the Tagger's."""
+        """Labels and their probabilities from word logits. ``decode``: one decoding for all sentences, or one per
+        sentence; default: the Tagger's. "argmax": each word's most probable label, an I-X that opens an entity
+        read as B-X, as conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after
+        O or another type)."""
         decode = decode or self.decode
         per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
         out = []
@@ -240,23 +206,6 @@ class Tagger:
             out.append((repair_iob2([names[j] for j in ids.tolist()])[0], [round(p, 4) for p in probs.tolist()]))
         return out
 
-    def predict_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> list[list[str]]:
-        """IOB2 labels for pre-split words."""
-        return self.label_words(sentences, progress)[0]
-
-    def label_words(self, sentences: Sequence[Sequence[str]], progress: bool = False) -> tuple[list[list[str]], int]:
-        """IOB2 labels for pre-split words, and how many sentences needed more than one window (for evaluation's
-        report; returned, not kept on the Tagger, which threads share)."""
-        by_decode, windowed = self.label_words_each(sentences, (self.decode,), progress)
-        return by_decode[self.decode], windowed
-
-    def label_words_each(
-        self, sentences: Sequence[Sequence[str]], decodes: Sequence[str], progress: bool = False
-    ) -> tuple[dict[str, list[list[str]]], int]:
-        """As ``label_words``, decoded in each of ``decodes`` from one forward pass."""
-        logits, windowed = self._forward(sentences, progress, None)
-        return {d: [labels for labels, _ in self._decode(logits, decode=d)] for d in decodes}, windowed
-
     def tag_documents(
         self,
         texts: Sequence[str],
@@ -273,7 +222,7 @@ class Tagger:
             docs.append(TaggedDocument(text))
             for sentence in split_sentences(text):
                 flat.append((d, sentence))
-        predictions = self.word_predictions(
+        predictions = self.tag_words(
             [[w.text for w in s] for _, s in flat],
             progress,
             None if adapters is None else [adapters[d] for d, _ in flat],

@@ -1,0 +1,166 @@
+"""The small commands, each its flags next to what it does: evaluate, params, export, push, plot. (train, predict and
+serve are packages of their own, with their flags in their cli.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .cliargs import adapter_flags, add_config_flags, decode_flag, device_flag, given, precision_flag
+from .config import Config, LoraSettings, with_overrides
+
+# ---- evaluate -------------------------------------------------------------------------------------------------------
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        parents=[adapter_flags(), precision_flag(), decode_flag(), device_flag()],
+        help="score a run (or PEFT adapter) on a data split; prints JSON",
+    )
+    p.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
+    p.add_argument("--data", required=True, help="hub dataset name or local data directory")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--output", type=Path, help="write the metrics here [default: RUN/eval-SPLIT.json for runs]")
+    p.set_defaults(run_command=evaluate)
+
+
+def evaluate(args) -> None:
+    from .data import load_corpus
+    from .evaluation import evaluate as score
+    from .labels import LabelSet
+    from .rundir import METRICS, known_labels, write_json
+    from .tagger import Tagger
+
+    corpus = load_corpus(args.data)
+    if args.split not in corpus.splits:
+        raise ValueError(f"{args.data}: no {args.split} split; found {', '.join(corpus.splits)}")
+    labels = LabelSet.load(args.labels) if args.labels else None
+    if labels is None and known_labels(args.run) is None:
+        # a plain adapter (the PEFT guide's code saves no labels): only a label.json beside the data says the
+        # order of its classifier head; labels sorted from the tags seen would be a guess, and a wrong one
+        # scores near zero without any error
+        if corpus.labels_from is None:
+            raise ValueError(
+                f"{args.run}: the adapter does not say its label order and {args.data} has no label.json; "
+                "pass --labels label.json (label -> id of the classifier head)"
+            )
+        logging.getLogger("loratag").info("labels: %s (the adapter carries none)", corpus.labels_from)
+        labels = corpus.labels
+    tagger = Tagger.load(
+        args.run, labels=labels, device=args.device, base=args.base, precision=args.precision, decode=args.decode
+    )
+    unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
+    if unknown:  # label ids may be ordered differently; names must be known to the model
+        raise ValueError(
+            f"{args.data} has labels {sorted(unknown)} that {args.run} was not trained on "
+            f"({', '.join(tagger.labels.labels)})"
+        )
+    result = {"run": str(args.run), "data": args.data, "split": args.split}
+    result.update(score(tagger, corpus.splits[args.split], True))
+    output = args.output or (args.run / f"eval-{args.split}.json" if (args.run / METRICS).exists() else None)
+    if output:
+        write_json(Path(output), result)
+    print(json.dumps(result))
+
+
+# ---- params ---------------------------------------------------------------------------------------------------------
+
+
+def add_params(sub) -> None:
+    p = sub.add_parser(
+        "params",
+        help="count trainable parameters without loading weights",
+        description="Builds the model on the meta device (only config.json is read) and prints PEFT's count.",
+    )
+    p.add_argument("--model", help="hub name, local directory (config.json suffices), or minilm [default: minilm]")
+    p.add_argument("--num-labels", type=int, default=11, help="classifier size [default: 11, BioNLP2004]")
+    p.add_argument(
+        "--config", type=Path, help="the model and LoRA settings of a config file (configs/bionlp2004-guide.json)"
+    )
+    add_config_flags(p, LoraSettings, "lora")
+    p.set_defaults(run_command=params)
+
+
+def params(args) -> None:
+    from .labels import LabelSet
+    from .modeling import build_model, count_parameters
+
+    base = Config.load(args.config) if args.config else Config()
+    cfg = with_overrides(base, {"model": args.model} if args.model else {}, given(args, LoraSettings, "lora"), {})
+    if args.num_labels < 1:
+        raise ValueError(f"--num-labels must be >= 1, got {args.num_labels}")
+    n_types = (args.num_labels - 1) // 2
+    names = ["O"] + [f"{p}-T{i}" for i in range(n_types) for p in "BI"]
+    names += [f"B-X{i}" for i in range(args.num_labels - len(names))]
+    trainable, total = count_parameters(build_model(cfg, LabelSet(tuple(names)), meta=True))
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# ---- export ---------------------------------------------------------------------------------------------------------
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[adapter_flags()],
+        help="write a standalone transformers model (LoRA merged, head, id2label) for pipeline()",
+        description="The result loads with transformers.pipeline('token-classification', model=DIR) as is.",
+    )
+    p.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
+    p.add_argument("--out", required=True, type=Path, help="directory to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run_command=export)
+
+
+def export(args) -> None:
+    from .labels import LabelSet
+    from .tagger import Tagger
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    labels = LabelSet.load(args.labels) if args.labels else None
+    tagger = Tagger.load(args.run, labels=labels, device="cpu", base=args.base, precision="fp32")
+    tagger.export(args.out)
+    print(f"merged model -> {args.out}")
+
+
+# ---- push and plot --------------------------------------------------------------------------------------------------
+
+
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="upload a run's adapter and model card to the Hugging Face Hub")
+    p.add_argument("run", type=Path)
+    p.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(run_command=push)
+
+
+def push(args) -> None:
+    from .hub import push as upload
+
+    print(upload(args.run, args.repo_id, private=args.private))
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="draw validation F1 against wall-clock minutes, one line per run",
+        description="Validation F1 after each evaluation against the minutes since each run began (training and "
+        "evaluations), one line per run; a star marks the kept epoch, the legend gives test F1. A run still "
+        "training is read from its checkpoint.",
+        epilog="example:\n  loratag plot runs/guide runs/bionlp --out curves.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    p.add_argument("--out", required=True, type=Path, help="image to write (.png, .svg or .pdf)")
+    p.add_argument("--title", help="title of the figure")
+    p.set_defaults(run_command=plot)
+
+
+def plot(args) -> None:
+    from .plot import plot_runs
+
+    print(plot_runs(args.runs, args.out, title=args.title))
