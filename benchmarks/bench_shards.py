@@ -50,17 +50,20 @@ def _tree_rss_mib(root: int) -> float:
 def arm(a) -> dict:
     """One engine, in this process: tag every shard, time it."""
     t0 = time.perf_counter()
-    from loratag.shards import predict_shards
+    from loratag.predict.shards import TaggerSpec, local_engine, predict_shards
 
+    run = local_engine
     if a.arm.startswith("ray"):
-        from loratag.predict.ray import ensure_ray
+        from loratag.predict.ray import ensure_ray, ray_engine
 
         ensure_ray(None, num_cpus=os.cpu_count())
     started = time.perf_counter() - t0
     engine, actors = ("ray", int(a.arm[3:])) if a.arm.startswith("ray") else ("local", 1)
+    if engine == "ray":
+        run = ray_engine(actors)
     t = time.perf_counter()
-    summary = predict_shards({"path": Path(a.run), "precision": a.precision}, a.inputs, Path(a.out), engine, actors,
-                             progress=False)  # fmt: skip
+    spec = TaggerSpec(Path(a.run), precision=a.precision)
+    summary = predict_shards(spec, a.inputs, Path(a.out), run, progress=False)
     seconds = time.perf_counter() - t
     digest = hashlib.sha256()
     for p in sorted(Path(a.out).iterdir()):
