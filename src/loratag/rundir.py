@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from typing import Any
 
 from .config import FORMAT, Config
 from .labels import LabelSet
-
-log = logging.getLogger(__name__)
 
 CONFIG = "config.json"  # the settings (Config) and, under "run", facts about the run
 LABELS = "labels.json"  # label -> id of the classifier head
@@ -62,7 +59,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def read_json(path: Path) -> Any:

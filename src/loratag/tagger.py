@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,8 +17,6 @@ from .precision import autocast, device_of, precision_name, resolve_precision
 from .progress import bar as progress_bar
 from .rundir import resolve_adapter
 from .text import Entity, Word, entities, split_sentences
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

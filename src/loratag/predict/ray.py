@@ -8,15 +8,12 @@ the driver records each shard in the manifest once, as its result comes back.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from .shards import Shard, ShardRecord, TaggerSpec, tag_shard
-
-log = logging.getLogger(__name__)
 
 
 class ShardTagger:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, is_local_path
 from ..labels import LabelSet
 from ..modeling import hub_id
 from ..plot import plot_runs
@@ -14,8 +14,7 @@ from ..rundir import CARD, CURVES, write_atomic
 def data_name(data: str) -> str:
     """How the card names the training data: a Hub dataset by its id, a local folder by its name only (a path on
     the trainer's machine means nothing to a reader, and may say more than intended)."""
-    local = data.startswith(("/", ".", "~")) or Path(data).expanduser().exists()
-    return Path(data).name if local else data
+    return Path(data).name if is_local_path(data) else data
 
 
 def _row(name: str, m: dict) -> str:
