@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .cliargs import adapter_flags, add_config_flags, decode_flag, device_flag, given, precision_flag
-from .config import Config, LoraSettings, with_overrides
+from .config import Config, CorpusSettings, LoraSettings, with_overrides
 
 # ---- evaluate -------------------------------------------------------------------------------------------------------
 
@@ -19,24 +20,50 @@ def add_evaluate(sub) -> None:
         "evaluate",
         parents=[adapter_flags(), precision_flag(), decode_flag(), device_flag()],
         help="score a run (or PEFT adapter) on a data split; prints JSON",
+        description="Scores a split with seqeval (entities over words, typed, and untyped boundaries) and, for data "
+        "read from documents, on character spans as predict tags them. The data: --data, or a file per split "
+        "(--test FILE ...), or else the run's own (its config.json); --types, --type-map, --overlaps and "
+        "--discontinuous default to the run's.",
     )
     p.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
-    p.add_argument("--data", required=True, help="hub dataset name or local data directory")
+    p.add_argument("--data", help="hub dataset name or local data directory [default: the run's]")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--output", type=Path, help="write the metrics here [default: RUN/eval-SPLIT.json for runs]")
+    add_config_flags(p, CorpusSettings, "corpus")
     p.set_defaults(run_command=evaluate)
 
 
+def _evaluation_data(args):
+    """The corpus to score: the flags', else the run's data; the run's span policy and seed unless flags say."""
+    from .corpus import load
+    from .rundir import CONFIG
+
+    run_cfg = Config.load(args.run / CONFIG) if (args.run / CONFIG).is_file() else None
+    flags = given(args, CorpusSettings, "corpus")
+    files = {k for k in ("train", "validation", "test") if k in flags}
+    base = run_cfg.corpus if run_cfg else CorpusSettings()
+    if args.data or files:
+        base = replace(base, train=None, validation=None, test=None)
+        data = args.data or ""
+    elif run_cfg is not None and (run_cfg.data or run_cfg.corpus.train):
+        data = run_cfg.data
+    else:
+        raise ValueError(f"{args.run}: no data to score; pass --data DIR or --{args.split} FILE")
+    settings = replace(base, **flags)
+    seed = run_cfg.train.seed if run_cfg else 42
+    return load(data, settings, seed, only=args.split), data or getattr(settings, args.split) or settings.train
+
+
 def evaluate(args) -> None:
-    from .data import load_corpus
+    from .evaluation import document_scores
     from .evaluation import evaluate as score
     from .labels import LabelSet
     from .rundir import METRICS, known_labels, write_json
     from .tagger import Tagger
 
-    corpus = load_corpus(args.data)
+    corpus, source = _evaluation_data(args)
     if args.split not in corpus.splits:
-        raise ValueError(f"{args.data}: no {args.split} split; found {', '.join(corpus.splits)}")
+        raise ValueError(f"{source}: no {args.split} split; found {', '.join(corpus.splits)}")
     labels = LabelSet.load(args.labels) if args.labels else None
     if labels is None and known_labels(args.run) is None:
         # a plain adapter (the PEFT guide's code saves no labels): only a label.json beside the data says the
@@ -44,7 +71,7 @@ def evaluate(args) -> None:
         # scores near zero without any error
         if corpus.labels_from is None:
             raise ValueError(
-                f"{args.run}: the adapter does not say its label order and {args.data} has no label.json; "
+                f"{args.run}: the adapter does not say its label order and {source} has no label.json; "
                 "pass --labels label.json (label -> id of the classifier head)"
             )
         logging.getLogger("loratag").info("labels: %s (the adapter carries none)", corpus.labels_from)
@@ -55,11 +82,15 @@ def evaluate(args) -> None:
     unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
     if unknown:  # label ids may be ordered differently; names must be known to the model
         raise ValueError(
-            f"{args.data} has labels {sorted(unknown)} that {args.run} was not trained on "
+            f"{source} has labels {sorted(unknown)} that {args.run} was not trained on "
             f"({', '.join(tagger.labels.labels)})"
         )
-    result = {"run": str(args.run), "data": args.data, "split": args.split}
+    result = {"run": str(args.run), "data": str(source), "split": args.split}
     result.update(score(tagger, corpus.splits[args.split], True))
+    if args.split in corpus.documents:
+        result["characters"] = document_scores(tagger, corpus.documents[args.split], True)
+    if corpus.report.get(args.split, {}).get("repairs"):
+        result["repairs"] = corpus.report[args.split]["repairs"]
     output = args.output or (args.run / f"eval-{args.split}.json" if (args.run / METRICS).exists() else None)
     if output:
         write_json(Path(output), result)

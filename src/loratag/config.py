@@ -186,21 +186,95 @@ class TrainConfig:
             raise ValueError(f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}")
 
 
+INPUT_FORMATS = ("bioc-xml", "bioc-json", "pubtator", "brat", "labelstudio", "jsonl", "spacy", "tner", "conll")
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """Where the splits come from besides --data, and how documents' mentions become IOB2 tags."""
+
+    train: str | None = _opt(
+        None,
+        "--train",
+        "training FILE instead of --data: BioC XML/JSON, PubTator, a brat folder, Label Studio JSON, Prodigy/doccano "
+        "JSON Lines, spaCy .spacy, tner JSON Lines or CoNLL (.gz too), detected from name and content",
+        metavar="FILE",
+    )
+    validation: str | None = _opt(
+        None,
+        "--validation",
+        "validation FILE; without one (here or in --data) --validation-fraction of the training documents is set "
+        "aside, whole documents, seeded by --seed; never taken from test",
+        metavar="FILE",
+    )
+    test: str | None = _opt(None, "--test", "test FILE, scored once at the end", metavar="FILE")
+    data_format: str | None = _opt(
+        None, "--data-format", "the input format, where detection cannot tell", choices=INPUT_FORMATS
+    )
+    validation_fraction: float = _opt(
+        0.1, "--validation-fraction", "share of the training documents set aside for validation when none is given"
+    )
+    types: tuple[str, ...] | None = _opt(
+        None, "--types", "comma-separated entity types to keep (after --type-map); the others are left out, counted"
+    )
+    type_map: tuple[str, ...] | None = _opt(
+        None,
+        "--type-map",
+        "comma-separated OLD=NEW renames or merges of entity types, e.g. SpecificDisease=Disease,DiseaseClass=Disease",
+    )
+    overlaps: str = _opt(
+        "longest",
+        "--overlaps",
+        "of overlapping or nested mentions, keep the longest or the first (flat IOB2 holds one); the others are "
+        "counted in the log and config.json",
+        choices=("longest", "first"),
+    )
+    discontinuous: str = _opt(
+        "first",
+        "--discontinuous",
+        "a discontinuous mention (brat 0 5;10 15, BioC several locations) keeps its first fragment or its whole "
+        "extent (the words between included); counted",
+        choices=("first", "extent"),
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}")
+        for name in ("types", "type_map"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, _split_csv(value))
+            elif value is not None:
+                object.__setattr__(self, name, tuple(value))
+        for item in self.type_map or ():
+            if "=" not in item:
+                raise ValueError(f"--type-map {item!r}: expected OLD=NEW")
+        if self.overlaps not in ("longest", "first"):
+            raise ValueError(f"--overlaps must be longest or first, got {self.overlaps!r}")
+        if self.discontinuous not in ("first", "extent"):
+            raise ValueError(f"--discontinuous must be first or extent, got {self.discontinuous!r}")
+        if self.data_format is not None and self.data_format not in INPUT_FORMATS:
+            raise ValueError(f"--data-format must be one of {', '.join(INPUT_FORMATS)}, got {self.data_format!r}")
+
+
 @dataclass(frozen=True)
 class Config:
     model: str = _opt("minilm", "--model", "hub name (roberta-large), local directory, or 'minilm' (offline default)")
     data: str = _opt(
         "",
         "--data",
-        "hub dataset (tner/bionlp2004) or a local directory with train/validation/test files "
-        "(tner JSON Lines + label.json, or CoNLL columns)",
+        "hub dataset (tner/bionlp2004) or a local directory with train/validation (or dev/devel)/test files in any "
+        "format --train reads (tner JSON Lines + label.json, CoNLL, BioC, PubTator, brat folders, ...)",
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora"]["target_modules"] = list(self.lora.target_modules) if self.lora.target_modules else None
+        for key in ("types", "type_map"):
+            d["corpus"][key] = list(d["corpus"][key]) if d["corpus"][key] else None
         return {"format": FORMAT, **d}
 
     def save(self, path: Path) -> None:
@@ -216,7 +290,8 @@ class Config:
         try:
             lora = LoraSettings(**_known(LoraSettings, d.pop("lora", {}) or {}, source, "lora"))
             train = TrainConfig(**_known(TrainConfig, d.pop("train", {}) or {}, source, "train"))
-            return cls(lora=lora, train=train, **_known(cls, d, source, "top level"))
+            corpus = CorpusSettings(**_known(CorpusSettings, d.pop("corpus", {}) or {}, source, "corpus"))
+            return cls(lora=lora, train=train, corpus=corpus, **_known(cls, d, source, "top level"))
         except TypeError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -234,13 +309,18 @@ class Config:
         return cls.from_dict(d, str(path))
 
 
-SECTIONS = {"top level": None, "lora": LoraSettings, "train": TrainConfig}  # where each key of a config file goes
+SECTIONS = {
+    "top level": None,
+    "lora": LoraSettings,
+    "train": TrainConfig,
+    "corpus": CorpusSettings,
+}  # where each key of a config file goes
 
 
 def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str, Any]:
     """``d``'s keys, all of which must be fields of ``cls``; an unknown one is an error that says where it belongs,
     if it belongs anywhere (a train key under lora would otherwise be lost without a word)."""
-    names = {f.name for f in fields(cls) if f.name not in ("lora", "train")}
+    names = {f.name for f in fields(cls) if cls is not Config or f.name not in ("lora", "train", "corpus")}
     if not isinstance(d, dict):
         raise ValueError(f"{source}: section {section!r} must be a JSON object, got {type(d).__name__}")
     unknown = sorted(set(d) - names)
@@ -258,7 +338,7 @@ def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str,
 
 def _field_names(cls: type | None) -> set[str]:
     if cls is None:  # the top level: Config's own settings and its two sections
-        return {"model", "data", "lora", "train"}
+        return {"model", "data", "lora", "train", "corpus"}
     return {f.name for f in fields(cls)}
 
 
@@ -312,6 +392,14 @@ def serve_fields() -> list:
     return option_fields(ServeSettings)
 
 
-def with_overrides(cfg: Config, top: dict[str, Any], lora: dict[str, Any], train: dict[str, Any]) -> Config:
+def with_overrides(
+    cfg: Config, top: dict[str, Any], lora: dict[str, Any], train: dict[str, Any], corpus: dict[str, Any] | None = None
+) -> Config:
     """A new Config with the given fields replaced (validation runs again)."""
-    return replace(cfg, **top, lora=replace(cfg.lora, **lora), train=replace(cfg.train, **train))
+    return replace(
+        cfg,
+        **top,
+        lora=replace(cfg.lora, **lora),
+        train=replace(cfg.train, **train),
+        corpus=replace(cfg.corpus, **(corpus or {})),
+    )

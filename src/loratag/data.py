@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .labels import LabelSet, repair_iob2
@@ -33,6 +33,10 @@ class DataError(ValueError):
 class Sentence:
     tokens: tuple[str, ...]
     tags: tuple[str, ...]
+    doc: str | None = field(default=None, compare=False)
+    """The document it belongs to, where the source says (documents, documents.tsv, -DOCSTART-)."""
+    offsets: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
+    """Its words' character offsets into the document's text, for sentences read from documents."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class Corpus:
     labels_from: str | None = None
     """Where the label order comes from (a label.json, a dataset's ClassLabel names); None: sorted from the
     tags seen, an order no model was trained with unless loratag trained it (and saved it in labels.json)."""
+    documents: dict[str, list] = field(default_factory=dict)
+    """Per split read from documents: its documents with their gold mentions (character-level scores)."""
+    report: dict = field(default_factory=dict)
+    """Per split: file, format, counts and every repair; how validation was made. Logged and kept in config.json."""
 
 
 def read_text(path: Path) -> str:
@@ -89,16 +97,18 @@ def read_jsonl(path: Path) -> list[tuple[list[str], list, str]]:
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list, str]]:
-    """Records of a CoNLL column file: token first, tag last, a blank line between sentences."""
-    out, tokens, tags, where, width = [], [], [], None, None
+    """Records of a CoNLL column file: token first, tag last, a blank line between sentences; a ``-DOCSTART-`` line
+    begins a document (the record's fourth item numbers them)."""
+    out, tokens, tags, where, width, doc = [], [], [], None, None, 0
     for n, line in enumerate([*_read_lines(path), ""], 1):
         cols = line.split()
         if not cols:
             if tokens:
-                out.append((tokens, tags, where))
+                out.append((tokens, tags, where, f"doc{doc}" if doc else None))
             tokens, tags, where = [], [], None
             continue
         if cols[0] == "-DOCSTART-":
+            doc += 1
             continue
         if width is None:
             if len(cols) < 2:
@@ -125,7 +135,7 @@ def _to_sentences(records: list, labels: LabelSet | None, split: str, path: Path
     names = labels.labels if labels else None
     known = set(names) if names else None
     sentences, repaired = [], 0
-    for tokens, raw, where in records:
+    for tokens, raw, where, *doc in records:
         tags = []
         for i, t in enumerate(raw):
             if isinstance(t, bool) or not isinstance(t, (int, str)):
@@ -143,7 +153,7 @@ def _to_sentences(records: list, labels: LabelSet | None, split: str, path: Path
             continue
         fixed_tags, fixed = repair_iob2(tags)
         repaired += fixed
-        sentences.append(Sentence(tuple(tokens), tuple(fixed_tags)))
+        sentences.append(Sentence(tuple(tokens), tuple(fixed_tags), doc[0] if doc else None))
     if not sentences:
         raise DataError(f"{path}: the {split} split is empty; expected at least one sentence")
     if repaired:
@@ -175,7 +185,7 @@ def load_folder(folder: str | Path, labels: LabelSet | None = None) -> Corpus:
         if p is not None:
             records[split] = read_jsonl(p) if p.suffix in JSONL_EXT else read_conll(p)
     if labels is None:
-        seen = [t for recs in records.values() for _, tags, _ in recs for t in tags if isinstance(t, str)]
+        seen = [t for recs in records.values() for _, tags, *_ in recs for t in tags if isinstance(t, str)]
         labels = LabelSet.from_tags(seen)
     splits = {s: _to_sentences(recs, labels, s, paths[s]) for s, recs in records.items()}
     return Corpus(splits, labels, str(folder), labels_from)

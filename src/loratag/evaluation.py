@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from .data import Sentence
+from .labels import tags_to_spans
 from .tagger import Tagger
 
 MODE = "default (conlleval-compatible, seqeval)"
 
 
 def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
-    """Overall precision / recall / F1 / accuracy and, per entity type, precision / recall / F1 / support."""
+    """Overall precision / recall / F1 / accuracy and, per entity type, precision / recall / F1 / support; and
+    ``untyped``: the same entities matched by their words only (boundaries, any type), as BioNLP papers often
+    report."""
     from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
 
     gold, pred = [list(g) for g in gold], [list(p) for p in pred]
@@ -30,11 +34,16 @@ def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict
         for k, v in report.items()
         if not k.endswith(" avg")
     }
+    untyped = span_scores(
+        [[(a, b, "") for a, b, _ in tags_to_spans(g)] for g in gold],
+        [[(a, b, "") for a, b, _ in tags_to_spans(p)] for p in pred],
+    )
     return {
         "precision": float(precision_score(gold, pred, zero_division=0)),
         "recall": float(recall_score(gold, pred, zero_division=0)),
         "f1": float(f1_score(gold, pred, zero_division=0)),
         "accuracy": float(accuracy_score(gold, pred)),
+        "untyped": {k: untyped[k] for k in ("precision", "recall", "f1")},
         "per_type": per_type,
         "sentences": len(gold),
         "words": sum(len(g) for g in gold),
@@ -63,3 +72,52 @@ def evaluate(
     result["decode"] = tagger.decode
     result["autocast"] = tagger.precision  # the forward passes' dtype (fp32 / bf16 / fp16): F1 differs slightly
     return result
+
+
+def span_scores(gold: Sequence[Sequence[tuple]], pred: Sequence[Sequence[tuple]]) -> dict:
+    """Exact-match precision / recall / F1 of ``(start, end, type)`` mentions, per document (or sentence), overall
+    and per type (plain Python: seqeval scores tag sequences, these are offsets).
+
+    >>> span_scores([[(0, 4, "P"), (9, 12, "D")]], [[(0, 4, "P"), (9, 11, "D")]])["f1"]
+    0.5
+    """
+    tp, n_gold, n_pred = Counter(), Counter(), Counter()
+    for g, p in zip(gold, pred, strict=True):
+        g, p = Counter(g), Counter(p)
+        for (_, _, t), n in (g & p).items():
+            tp[t] += n
+        for (_, _, t), n in g.items():
+            n_gold[t] += n
+        for (_, _, t), n in p.items():
+            n_pred[t] += n
+
+    def prf(t: int, g: int, p: int) -> dict:
+        precision, recall = t / p if p else 0.0, t / g if g else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1}
+
+    total = prf(sum(tp.values()), sum(n_gold.values()), sum(n_pred.values()))
+    per_type = {t: {**prf(tp[t], n_gold[t], n_pred[t]), "support": n_gold[t]} for t in sorted(n_gold | n_pred)}
+    return {**total, "per_type": per_type, "gold": sum(n_gold.values()), "predicted": sum(n_pred.values())}
+
+
+def document_scores(tagger: Tagger, documents: Sequence, progress: bool = False) -> dict:
+    """Scores on character spans: the documents' passages tagged by the path `predict` takes (its own sentence and
+    word split, no gold boundaries), mentions compared with the gold ones by offsets: ``exact`` (offsets and type)
+    and ``boundary`` (offsets only)."""
+    from .documents.tagging import tag_documents
+
+    tagged = tag_documents(tagger, documents, progress=progress)
+    gold = [[(s.start, s.end, s.type) for s in d.spans] for d in documents]
+    pred = [[(s.start, s.end, s.type) for s in d.spans if s.ours] for d, _ in tagged]
+    exact = span_scores(gold, pred)
+    boundary = span_scores(
+        [[(a, b, "") for a, b, _ in g] for g in gold], [[(a, b, "") for a, b, _ in p] for p in pred]
+    )
+    return {
+        "exact": exact,
+        "boundary": {k: boundary[k] for k in ("precision", "recall", "f1")},
+        "documents": len(documents),
+        "note": "character offsets against the gold mentions after --types/--type-map/--discontinuous, overlapping "
+        "ones included; text split as predict splits it",
+    }

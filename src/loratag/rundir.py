@@ -8,13 +8,15 @@ RUN/  config.json  labels.json  adapter/  last/  metrics.json  README.md  curves
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .config import FORMAT, Config
 from .labels import LabelSet
@@ -46,16 +48,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, synced, then renamed over it (and the rename synced)."""
+@contextlib.contextmanager
+def atomic_stream(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file, synced, then renamed over ``path`` (and the rename
+    synced) when the block ends without an error; removed when it raises, so ``path`` is never a part."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_stream``)."""
+    with atomic_stream(path) as f:
+        f.write(data)
 
 
 def write_json(path: Path, data: Any) -> None:

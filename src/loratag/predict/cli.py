@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cliargs import adapter_flags, decode_flag, device_flag, precision_flag
+from ..documents import READ_FORMATS, WRITE_FORMATS
 
 
 def register(sub) -> None:
@@ -23,16 +24,34 @@ def register(sub) -> None:
     src.add_argument("--text", help="one text to tag")
     src.add_argument(
         "--input",
-        help="a folder of .txt files (one document each), .jsonl with a 'text' field, .conll/.tsv pre-split "
-        "words, or plain text with one document per line (.gz too); with --output FOLDER: a folder or glob of "
-        "shards, each read as one such file",
+        help="documents to tag: BioC XML/JSON, PubTator, a brat folder, Label Studio JSON, JSON Lines with a 'text' "
+        "field (Prodigy, doccano, loratag's own output), spaCy .spacy, a folder of .txt files (one document each), "
+        "plain text with one document per line, or pre-split words (.conll/.tsv, tner JSON Lines); .gz too. The "
+        "format is detected from the name and the content (--input-format where it cannot tell). With --output "
+        "FOLDER: a folder or glob of shards, each read as one such file",
     )
     p.add_argument(
         "--output",
         type=Path,
-        help="write .jsonl (one document per line, in input order) or .conll (word and label columns), either "
-        "gzipped with .gz; any other suffix is an error. A folder (no extension): one output shard per input shard, "
-        "written atomically, and a manifest.jsonl, so that a rerun after a crash skips the finished shards",
+        help="write the tagged documents, in the format its name says: .jsonl (one document per line: text and "
+        "entities), .conll (words and labels), .bioc.xml, .bioc.json, .pubtator, .spacy, .labelstudio.json "
+        "(predictions to import), .prodigy.jsonl; .gz too. A document read from BioC, PubTator or Label Studio "
+        "comes back with its id, passages and infons, our mentions as its annotations. A folder (no extension): one "
+        "output shard per input shard, written atomically, and a manifest.jsonl, so that a rerun after a crash skips "
+        "the finished shards; with --format brat: a brat folder (NAME.txt + NAME.ann)",
+    )
+    p.add_argument(
+        "--format",
+        choices=WRITE_FORMATS,
+        help="the output format, instead of the one --output's name says (brat: --output is a folder; sharded "
+        "prediction: each shard's format) [default: by name; jsonl for shards]",
+    )
+    p.add_argument("--input-format", choices=READ_FORMATS, help="the input format, where detection cannot tell")
+    p.add_argument(
+        "--keep-annotations",
+        action="store_true",
+        help="keep the input's own annotations beside ours (ours marked as loratag's, with the run's name); by "
+        "default they are dropped",
     )
     p.add_argument(
         "--engine",
@@ -56,14 +75,14 @@ def register(sub) -> None:
 
 def _sharded(args) -> bool:
     """Sharded prediction: --output is a folder (exists as one, or has no extension) and --input is given."""
-    if args.output is None or args.input is None:
+    if args.output is None or args.input is None or args.format == "brat":
         return False
     return args.output.is_dir() or not args.output.suffix
 
 
 def run(args) -> None:
+    from ..documents import output_format
     from ..labels import LabelSet
-    from .formats import output_format
     from .shards import TaggerSpec
 
     if args.batch_size < 1:
@@ -82,23 +101,35 @@ def run(args) -> None:
         decode=args.decode,
     )
     if _sharded(args):
-        from .shards import local_engine, predict_shards
+        from .shards import ShardOptions, local_engine, predict_shards
 
         engine = local_engine
         if args.engine == "ray":
             from .ray import ray_engine
 
             engine = ray_engine(args.actors, args.ray_address)
-        print(json.dumps(predict_shards(spec, args.input, args.output, engine)))
+        options = ShardOptions(args.format, args.input_format, args.keep_annotations, Path(args.run).name)
+        print(json.dumps(predict_shards(spec, args.input, args.output, engine, options=options)))
         return
     if args.engine != "local":
         raise ValueError("--engine ray tags shards: give --input (a folder or glob) and --output FOLDER")
     if args.output is not None:
-        output_format(args.output)  # an unknown format stops here, before the model loads
-    from .formats import predict, read_texts
+        output_format(args.output, args.format)  # an unknown format stops here, before the model loads
+    if args.format and args.output is None:
+        raise ValueError("--format names the format of --output; give --output")
+    from .formats import predict, read_input
 
-    texts = [args.text] if args.text is not None else read_texts(Path(args.input))
+    source = ("documents", iter([_one(args.text)])) if args.text is not None else None
+    source = source or read_input(Path(args.input), args.input_format)
     tagger = spec.load()
-    n = predict(tagger, texts, args.output, words=args.words, progress=args.output is not None)
+    n = predict(
+        tagger, source, args.output, args.format, words=args.words, keep=args.keep_annotations, run=Path(args.run).name
+    )
     if args.output is not None:
         print(f"{n} documents -> {args.output}", file=sys.stderr)
+
+
+def _one(text: str):
+    from ..documents import Document
+
+    return Document.plain("", text)

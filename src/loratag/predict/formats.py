@@ -1,19 +1,17 @@
-"""`loratag predict` input and output formats around the Tagger: what is read (raw texts, JSON Lines, CoNLL words;
-gzipped or not), what is written (JSON Lines or CoNLL, chosen from the output's whole name), and the terminal view."""
+"""`loratag predict` around the Tagger: what is read (documents in any format documents/ reads, raw texts, CoNLL
+words; gzipped or not), what is written (any format documents/ writes, by the output's name or --format), and the
+terminal view."""
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
-from ..data import JSONL_EXT, DataError, decode_utf8, read_text
-from ..rundir import write_atomic
+from ..data import DataError, decode_utf8, read_jsonl, read_text
 from ..tagger import TaggedDocument, Tagger
 from ..text import Word, entities
 
-CONLL = (".conll", ".tsv")  # pre-split words; unlike training data, .txt here is raw text
-OUTPUTS = {**dict.fromkeys(JSONL_EXT, "jsonl"), **dict.fromkeys(CONLL, "conll")}
 COLOURS = ["31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96"]
 
 
@@ -35,34 +33,26 @@ def _file_text(path: Path) -> str:
     return decode_utf8(raw, path)
 
 
-def read_texts(path: Path) -> list[str] | list[list[str]]:
-    """Documents of an input: a folder of .txt files (one document each), JSON Lines with a "text" field,
-    CoNLL (pre-split words: a list of word lists is returned), or plain text with one document per line;
-    files may be gzipped (``.jsonl.gz`` ...)."""
-    if path.is_dir():
+def read_input(path: Path, fmt: str | None = None) -> tuple[str, Iterable]:
+    """What to tag in an input: ``("words", word lists)`` for pre-split words (CoNLL, tner JSON Lines), else
+    ``("documents", a stream of Documents)``: a folder of .txt files (one document each, named by the file), a brat
+    folder, BioC, PubTator, Label Studio, JSON Lines with a "text" field, spaCy, or plain text with one document per
+    line; files may be gzipped. ``fmt``: the format, where detection cannot tell."""
+    from ..documents import Document, detect, read_documents
+
+    if path.is_dir() and fmt in (None, "text") and not any(path.glob("*.ann")):
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"{path}: no .txt files (each .txt file is one document)")
-        return [read_text(p) for p in files]
-    if not path.is_file():
+            raise FileNotFoundError(f"{path}: no .txt files (each .txt file is one document) and no brat .ann files")
+        return "documents", (Document.plain(p.stem, read_text(p), where=str(p)) for p in files)
+    if not path.exists():
         raise FileNotFoundError(f"input file not found: {path}")
-    text = _file_text(path)
-    if suffix(path) in CONLL:
-        return _conll_words(text)
-    if suffix(path) in JSONL_EXT:
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path}:{n}: not valid JSON ({e.msg}); expected {{"text": "..."}}') from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f'{path}:{n}: expected an object with a string field "text"')
-            docs.append(rec["text"])
-        return docs
-    return text.splitlines()
+    fmt = fmt or detect(path)
+    if fmt == "conll":
+        return "words", _conll_words(_file_text(path))
+    if fmt == "tner":
+        return "words", [tokens for tokens, *_ in read_jsonl(path)]
+    return "documents", read_documents(path, fmt)
 
 
 def _conll_words(text: str) -> list[list[str]]:
@@ -91,31 +81,6 @@ def tag_pre_split(tagger: Tagger, sentences: list[list[str]], progress: bool) ->
     return docs
 
 
-def output_format(path: Path) -> str:
-    """``jsonl`` or ``conll``, from the output file's whole name (``x.jsonl.gz`` is gzipped JSON Lines); an unknown
-    suffix is an error, never a guess."""
-    fmt = OUTPUTS.get(suffix(path))
-    if fmt is None:
-        known = ", ".join(OUTPUTS)
-        raise ValueError(
-            f"--output {path}: unknown format {suffix(path) or '(no suffix)'!r}; expected one of {known} "
-            "(JSON Lines or CoNLL), optionally followed by .gz, or a folder for sharded prediction"
-        )
-    return fmt
-
-
-def write_jsonl(docs: list[TaggedDocument], out) -> None:
-    for d in docs:
-        out.write(json.dumps(d.to_dict(), ensure_ascii=False) + "\n")
-
-
-def write_conll(docs: list[TaggedDocument], out) -> None:
-    for d in docs:
-        for w, label in zip(d.words, d.labels):
-            out.write(f"{w.text}\t{label}\n")
-        out.write("\n")
-
-
 def highlight(doc: TaggedDocument, colour: bool, types: list[str]) -> str:
     """The text with its entities marked: ANSI colours on a terminal, ``[text]{label}`` elsewhere."""
     parts, pos = [], 0
@@ -136,7 +101,8 @@ def show(docs: list[TaggedDocument], types: list[str], words: bool, out=None) ->
     colour = out.isatty()
     for d in docs:
         if words:
-            write_conll([d], out)
+            out.writelines(f"{w.text}\t{label}\n" for w, label in zip(d.words, d.labels))
+            out.write("\n")
             continue
         out.write(highlight(d, colour, types) + "\n")
         for e in d.entities:
@@ -144,29 +110,42 @@ def show(docs: list[TaggedDocument], types: list[str], words: bool, out=None) ->
         out.write("\n")
 
 
-def tag(tagger: Tagger, texts: list, progress: bool = False) -> list[TaggedDocument]:
-    """Tagged documents of strings (raw text) or word lists (CoNLL input)."""
-    if texts and isinstance(texts[0], list):
-        return tag_pre_split(tagger, texts, progress)
-    return tagger.tag_documents(texts, progress)
+def predict(
+    tagger: Tagger,
+    source: tuple[str, Iterable],
+    output: Path | None,
+    fmt: str | None = None,
+    words: bool = False,
+    keep: bool = False,
+    run: str | None = None,
+    stream=None,
+) -> int:
+    """Tag what ``read_input`` gave and write it to ``output`` in ``fmt`` (default: by the name), a document at a
+    time for documents; ``output`` None: show it on the terminal. Returns the number of documents."""
+    from ..documents import Document, open_writer, output_format
+    from ..documents.tagging import tag_stream
+
+    kind, items = source
+    if kind == "words":
+        tagged = tag_pre_split(tagger, list(items), output is not None)
+        pairs = [
+            (Document.plain("", t.text, [_span(e) for e in t.entities]), [t]) for t in tagged
+        ]  # fmt: skip
+    else:
+        pairs = tag_stream(tagger, items, keep)
+    if output is None and stream is None:
+        parts = [t for _, ts in pairs for t in ts]
+        show(parts, tagger.labels.types, words)
+        return len(parts)
+    n = 0
+    with open_writer(output, output_format(output, fmt), keep=keep, run=run, stream=stream) as w:
+        for doc, parts in pairs:
+            w.write(doc, parts)
+            n += 1
+    return n
 
 
-def render(docs: list[TaggedDocument], path: Path) -> bytes:
-    """The bytes of output file ``path``: JSON Lines or CoNLL word/label columns, by its name (gzipped for .gz)."""
-    import gzip
-    import io
+def _span(e):
+    from ..documents import Span
 
-    buf = io.StringIO()
-    (write_conll if output_format(path) == "conll" else write_jsonl)(docs, buf)
-    data = buf.getvalue().encode("utf-8")
-    return gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data  # mtime 0: reruns write equal bytes
-
-
-def predict(tagger: Tagger, texts: list, output: Path | None, words: bool, progress: bool) -> int:
-    """Tag documents (strings, or word lists from CoNLL) and write them; returns the number of documents."""
-    docs = tag(tagger, texts, progress)
-    if output is None:
-        show(docs, tagger.labels.types, words)
-        return len(docs)
-    write_atomic(output, render(docs, output))
-    return len(docs)
+    return Span(e.start, e.end, e.label, e.text, None, (), {}, e.score, ours=True)

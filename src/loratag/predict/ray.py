@@ -13,19 +13,19 @@ from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .shards import Shard, ShardRecord, TaggerSpec, tag_shard
+from .shards import Shard, ShardOptions, ShardRecord, TaggerSpec, tag_shard
 
 
 class ShardTagger:
     """A Ray Data actor: holds one Tagger, tags whole shards."""
 
-    def __init__(self, spec: TaggerSpec, out: str):
+    def __init__(self, spec: TaggerSpec, out: str, options: ShardOptions | None = None):
         self.tagger = spec.load()
-        self.out = Path(out)
+        self.out, self.options = Path(out), options
 
     def __call__(self, batch: dict) -> dict:
         records = [
-            asdict(tag_shard(self.tagger, Shard(Path(str(src)), str(name)), self.out))
+            asdict(tag_shard(self.tagger, Shard(Path(str(src)), str(name)), self.out, self.options))
             for src, name in zip(batch["source"], batch["name"])
         ]
         return {f.name: [r[f.name] for r in records] for f in fields(ShardRecord)}
@@ -47,7 +47,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None):
 def ray_engine(actors: int = 1, address: str | None = None):
     """A shards.Engine that tags on the cluster at ``address`` (None: a local one) with ``actors`` actors."""
 
-    def engine(spec: TaggerSpec, shards: list[Shard], out: Path) -> Iterator[ShardRecord]:
+    def engine(
+        spec: TaggerSpec, shards: list[Shard], out: Path, options: ShardOptions | None = None
+    ) -> Iterator[ShardRecord]:
         """Yields each shard's record once, in the order they finish."""
         if not shards:
             return
@@ -58,7 +60,7 @@ def ray_engine(actors: int = 1, address: str | None = None):
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         tagged = ds.map_batches(
             ShardTagger,
-            fn_constructor_kwargs={"spec": spec, "out": str(out)},
+            fn_constructor_kwargs={"spec": spec, "out": str(out), "options": options},
             batch_size=1,
             concurrency=actors,  # Ray Data restarts an actor that dies and retries its shard (its default, kept)
             num_cpus=per_actor,

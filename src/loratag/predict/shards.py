@@ -19,15 +19,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..data import JSONL_EXT
 from ..labels import LabelSet
 from ..progress import bar as progress_bar
 from ..rundir import append_line, write_atomic
-from .formats import CONLL, read_texts, render, suffix, tag
+from .formats import predict, read_input, suffix
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
-SHARD_FORMATS = (".txt", *JSONL_EXT, *CONLL)
+SHARD_FORMATS = (".txt", ".json", ".jsonl", ".conll", ".tsv", ".xml", ".pubtator", ".spacy")
+CONLL = (".conll", ".tsv")
+EXTENSIONS = {"jsonl": ".jsonl", "conll": ".conll", "bioc-xml": ".bioc.xml", "bioc-json": ".bioc.json",
+              "pubtator": ".pubtator", "spacy": ".spacy", "labelstudio": ".labelstudio.json",
+              "prodigy": ".prodigy.jsonl"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """What each shard is written as: ``format`` (default jsonl, conll for CoNLL input), the input format where
+    detection cannot tell, ``keep`` the input's own annotations, and the run's name to mark ours with."""
+
+    format: str | None = None
+    input_format: str | None = None
+    keep: bool = False
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ class ShardRecord:
         return cls(str(d["shard"]), str(d["input"]), int(d["documents"]), int(d["bytes"]), str(d["sha256"]))
 
 
-Engine = Callable[[TaggerSpec, list, Path], Iterator[ShardRecord]]  # (spec, shards to do, out) -> records
+Engine = Callable[..., Iterator[ShardRecord]]  # (spec, shards to do, out, options) -> records
 
 
 @dataclass(frozen=True)
@@ -78,10 +92,13 @@ class Shard:
     name: str  # the output file's name in the output folder
 
 
-def find_shards(spec: str | Path) -> list[Shard]:
+def find_shards(spec: str | Path, options: ShardOptions | None = None) -> list[Shard]:
     """The input shards of a folder (its files of known formats, gzipped or not) or a glob pattern, sorted; each
-    with the name of its output: the input's path below the folder or pattern root, ``/`` as ``__``, with a
-    .jsonl (or .conll, for CoNLL input) extension."""
+    with the name of its output: the input's path below the folder or pattern root, ``/`` as ``__``, with the output
+    format's extension (.jsonl by default, .conll for CoNLL input)."""
+    options = options or ShardOptions()
+    if options.format == "brat":
+        raise ValueError("--format brat writes one folder; sharded prediction writes a file per shard: choose another")
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -94,8 +111,10 @@ def find_shards(spec: str | Path) -> list[Shard]:
         raise FileNotFoundError(f"{spec}: no input shards (files ending in {', '.join(SHARD_FORMATS)}, or .gz)")
     shards = []
     for p in files:
-        stem = p.relative_to(root).as_posix().replace("/", "__").removesuffix(".gz").removesuffix(suffix(p))
-        shards.append(Shard(p, stem + (".conll" if suffix(p) in CONLL else ".jsonl")))
+        stem = p.relative_to(root).as_posix().replace("/", "__").removesuffix(".gz")
+        stem = stem.removesuffix(".bioc.xml").removesuffix(".bioc.json").removesuffix(suffix(p))
+        fmt = options.format or ("conll" if suffix(p) in CONLL else "jsonl")
+        shards.append(Shard(p, stem + EXTENSIONS[fmt]))
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -118,31 +137,41 @@ def read_manifest(out: Path) -> dict[str, ShardRecord]:
     return done
 
 
-def tag_shard(tagger, shard: Shard, out: Path) -> ShardRecord:
+def tag_shard(tagger, shard: Shard, out: Path, options: ShardOptions | None = None) -> ShardRecord:
     """Read, tag and write one shard (atomically); its manifest record."""
-    texts = read_texts(shard.source)
-    data = render(tag(tagger, texts), out / shard.name)
+    import io
+
+    options = options or ShardOptions()
+    buf = io.BytesIO()
+    source = read_input(shard.source, options.input_format)
+    n = predict(tagger, source, out / shard.name, None, keep=options.keep, run=options.run, stream=buf)
+    data = buf.getvalue()
     write_atomic(out / shard.name, data)
-    return ShardRecord(shard.name, str(shard.source), len(texts), len(data), hashlib.sha256(data).hexdigest())
+    return ShardRecord(shard.name, str(shard.source), n, len(data), hashlib.sha256(data).hexdigest())
 
 
-def local_engine(spec: TaggerSpec, todo: list[Shard], out: Path) -> Iterator[ShardRecord]:
+def local_engine(spec: TaggerSpec, todo: list[Shard], out: Path, options: ShardOptions | None = None):
     """The shards in this process, one Tagger for all (loaded only if there is something to do)."""
     if todo:
         tagger = spec.load()
         for shard in todo:
-            yield tag_shard(tagger, shard, out)
+            yield tag_shard(tagger, shard, out, options)
 
 
 def predict_shards(
-    spec: TaggerSpec, inputs: str | Path, out: Path, engine: Engine = local_engine, progress: bool = True
+    spec: TaggerSpec,
+    inputs: str | Path,
+    out: Path,
+    engine: Engine = local_engine,
+    progress: bool = True,
+    options: ShardOptions | None = None,
 ) -> dict:
     """Tag every shard of ``inputs`` not yet in ``out``'s manifest with ``engine``. Returns a summary."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is a file; sharded prediction writes a folder")
     out.mkdir(parents=True, exist_ok=True)
-    shards = find_shards(inputs)
+    shards = find_shards(inputs, options)
     done = read_manifest(out)
     todo = [s for s in shards if s.name not in done]
     log.info("%d shards, %d done already, %d to tag", len(shards), len(done), len(todo))
@@ -152,7 +181,7 @@ def predict_shards(
     bar = progress_bar(sum(sizes.values()), "predict", "B", progress, unit_scale=True, unit_divisor=1024)
     docs = 0
     try:
-        for entry in engine(spec, todo, out):
+        for entry in engine(spec, todo, out, options):
             append_line(out / MANIFEST, entry.to_json())  # after its output file is in place
             docs += entry.documents
             bar.update(sizes[entry.shard])

@@ -35,7 +35,8 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         "",
         f"# LoRA token classifier on {base}",
         "",
-        f"Trained with loratag on `{data_name(cfg.data)}`: LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+        f"Trained with loratag on `{data_name(cfg.data or cfg.corpus.train or '')}`: LoRA r={cfg.lora.r}, "
+        f"alpha={cfg.lora.alpha}, "
         f"dropout={cfg.lora.dropout}, bias={cfg.lora.bias}, {_where(cfg)}, lr={cfg.train.lr}, "
         f"{_length(cfg, metrics)}. "
         f"Trainable parameters: {run.get('trainable_params', '?'):,}. Decoding: {cfg.train.decode}.",

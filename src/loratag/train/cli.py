@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..cliargs import EXAMPLES, add_config_flags, device_flag, given
-from ..config import Config, LoraSettings, TrainConfig, option_fields, with_overrides
+from ..config import Config, CorpusSettings, LoraSettings, TrainConfig, option_fields, with_overrides
 
 
 def register(sub) -> None:
@@ -30,6 +30,7 @@ def register(sub) -> None:
         p.add_argument(f.metadata["flag"], dest=f"top.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"])
     add_config_flags(p, LoraSettings, "lora")
     add_config_flags(p, TrainConfig, "train")
+    add_config_flags(p, CorpusSettings, "corpus")
     p.set_defaults(run_command=run)
 
 
@@ -37,7 +38,13 @@ def config_from_args(args) -> Config:
     """The defaults, then --config, then the flags given."""
     cfg = Config.load(args.config) if args.config else Config()
     top = {f.name: getattr(args, f"top.{f.name}") for f in option_fields(Config) if hasattr(args, f"top.{f.name}")}
-    return with_overrides(cfg, top, given(args, LoraSettings, "lora"), given(args, TrainConfig, "train"))
+    return with_overrides(
+        cfg,
+        top,
+        given(args, LoraSettings, "lora"),
+        given(args, TrainConfig, "train"),
+        given(args, CorpusSettings, "corpus"),
+    )
 
 
 def process_started() -> float:
@@ -56,12 +63,12 @@ def run(args) -> None:
     from ..rundir import METRICS
     from .loop import train
 
-    flags = [k for k in vars(args) if k.startswith(("top.", "lora.", "train."))]
+    flags = [k for k in vars(args) if k.startswith(("top.", "lora.", "train.", "corpus."))]
     if args.resume and (flags or args.config):
         raise ValueError("--resume continues with the settings saved in the run's config.json; drop the other flags")
     cfg = Config() if args.resume else config_from_args(args)
-    if not args.resume and not cfg.data:
-        raise ValueError("--data is required (a hub dataset name or a local folder)")
+    if not args.resume and not cfg.data and not cfg.corpus.train:
+        raise ValueError("--data is required (a hub dataset name or a local folder), or --train FILE")
     out = train(
         cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, started=process_started()
     )

@@ -18,7 +18,7 @@ import torch
 from .. import rundir
 from ..config import DECODINGS, Config
 from ..encoding import IGNORE
-from ..evaluation import evaluate
+from ..evaluation import document_scores, evaluate
 from ..progress import bar as progress_bar
 from ..tagger import Tagger
 from .card import write_card
@@ -102,7 +102,7 @@ def _loop(s: Session, clock: Clock, resume: bool, stop_after_steps: int | None) 
         rundir.write_json(out / rundir.CONFIG, {**cfg.to_dict(), "run": {**s.facts, "steps_per_epoch": state.steps}})
         rundir.write_json(out / rundir.LABELS, s.labels.label2id)
     trainable, total = s.facts["trainable_params"], s.facts["all_params"]
-    log.info("loratag train: %s on %s -> %s", cfg.model, cfg.data, out)
+    log.info("loratag train: %s on %s -> %s", cfg.model, cfg.data or cfg.corpus.train, out)
     log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total, 100 * trainable / total)
     log.info("effective batch: %s (%d process(es)), %d steps", s.facts["effective_batch"], dist.world,
              sum(state.steps))  # fmt: skip
@@ -260,6 +260,8 @@ def _finish(s: Session, clock: Clock, state: TrainState) -> tuple[Path, Tagger]:
     if "test" in s.corpus.splits:
         started = time.monotonic()
         metrics["test"] = evaluate(s.evaluator, s.corpus.splits["test"], dist=dist, decodes=DECODINGS)
+        if "test" in s.corpus.documents:  # read from documents: also scored on character spans, as predict tags
+            metrics["test"]["characters"] = document_scores(s.evaluator, s.corpus.documents["test"])
         metrics["test_seconds"] = round(time.monotonic() - started, 1)
         test = metrics["test"]
         log.info(

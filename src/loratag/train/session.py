@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import DECODINGS, Config
-from ..data import load_corpus
+from ..corpus import load as load_corpus
 from ..encoding import IGNORE, batches, collate, encode, padded_length
 from ..evaluation import evaluate
 from ..labels import LabelSet
@@ -82,7 +82,7 @@ class Session:
         t = cfg.train
         self.cfg, self.out, self.progress, self.device, self.dist = cfg, out, progress, device, dist
         torch.manual_seed(t.seed)
-        self.corpus = load_corpus(cfg.data)
+        self.corpus = load_corpus(cfg.data, cfg.corpus, t.seed)
         self.labels: LabelSet = self.corpus.labels
         if resume and (out / LABELS).is_file():
             self.labels = LabelSet.load(out / LABELS)
@@ -146,6 +146,7 @@ class Session:
         trainable, total = count_parameters(self.model)
         per_process = f"<= {t.batch_tokens} tokens" if t.batch_tokens else t.batch_size
         return {
+            "data": self.corpus.report,
             "device": str(self.device),
             "autocast": precision_name(self.dtype),
             "max_length": self.max_length,
