@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..data import DataError
 from .model import Document, Passage, Span, check_spans
+from .streams import lines_of, open_binary
 
 __all__ = ["Document", "Passage", "Span", "check_spans", "detect", "read_documents", "open_writer", "output_format"]
 
@@ -122,28 +123,8 @@ def detect(path: Path) -> str:
     return "text"
 
 
-class _Lines:
-    """A text file's lines, streamed (gunzipped for .gz), as UTF-8; a bad byte names the file and line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __iter__(self) -> Iterator[str]:
-        opener = gzip.open if self.path.name.endswith(".gz") else open
-        try:
-            with opener(self.path, "rb") as f:
-                for n, raw in enumerate(f, 1):  # bytes, decoded line by line: a bad byte is known to its line
-                    try:
-                        yield raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        bad = f"byte {raw[e.start]:#04x}"
-                        raise DataError(f"{self.path}:{n}: not UTF-8 ({bad}); save the file as UTF-8") from None
-        except (OSError, EOFError) as e:
-            raise DataError(f"{self.path}: cannot read ({e})") from None
-
-
 def _text(path: Path) -> str:
-    return "".join(_Lines(path))
+    return "".join(lines_of(path))
 
 
 def read_documents(path: str | Path, fmt: str | None = None) -> Iterator[Document]:
@@ -161,23 +142,22 @@ def _read(path: Path, fmt: str) -> Iterator[Document]:
 
     where = str(path)
     if fmt == "bioc-xml":
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as f:
+        with open_binary(path) as f:
             yield from biocfmt.read_xml(f, where)
     elif fmt == "bioc-json":
-        yield from biocfmt.read_json(_text(path), where)
+        yield from biocfmt.read_json(path, _head(path))
     elif fmt == "pubtator":
-        yield from pubtator.read(_Lines(path), where)
+        yield from pubtator.read(lines_of(path), where)
     elif fmt == "brat":
         yield from brat.read(path) if path.is_dir() else [brat.read_pair(path.with_suffix(".txt"), path)]
     elif fmt == "labelstudio":
-        yield from jsonspans.read_labelstudio(_text(path), where)
+        yield from jsonspans.read_labelstudio(path)
     elif fmt == "jsonl":
-        yield from jsonspans.read_jsonl(_Lines(path), where)
+        yield from jsonspans.read_jsonl(lines_of(path), where)
     elif fmt == "spacy":
         yield from docbin.read(path.read_bytes(), where)
     elif fmt == "text":
-        for n, line in enumerate(_Lines(path), 1):
+        for n, line in enumerate(lines_of(path), 1):
             if line.strip():
                 yield Document.plain("", line.rstrip("\r\n"), where=f"{where}:{n}")
     elif fmt in SENTENCE_FORMATS:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from ..data import DataError
 from .model import Document, Passage, Span
+from .streams import lines_of, open_binary
 
 TYPE_KEYS = ("type", "Type", "entity_type", "class")
 
@@ -61,11 +63,18 @@ def from_bioc(d, path: str) -> Document:
 
 
 def read_xml(stream: BinaryIO, path: str) -> Iterator[Document]:
-    from bioc.biocxml import BioCXMLDocumentReader
+    """Each <document> as it ends, parsed by bioc's own decoder and then cleared from the tree: bioc's
+    BioCXMLDocumentReader iterates too but keeps every parsed element, so its memory grows with the file."""
+    from bioc.biocxml.decoder import BioCXMLDecoder
     from lxml import etree
 
+    parse_document = BioCXMLDecoder()._BioCXMLDecoder__parse_document  # bioc pinned (2.1): its one document parser
     try:
-        for d in BioCXMLDocumentReader(stream):
+        for _, elem in etree.iterparse(stream, events=("end",), tag="document", huge_tree=True):
+            d = parse_document(elem)
+            elem.clear()
+            while elem.getprevious() is not None:  # the documents before it, now empty, leave the tree too
+                del elem.getparent()[0]
             yield from_bioc(d, path)
     except etree.XMLSyntaxError as e:
         raise DataError(f"{path}:{e.lineno}: not well-formed XML ({e.msg}); expected a BioC <collection>") from None
@@ -73,42 +82,54 @@ def read_xml(stream: BinaryIO, path: str) -> Iterator[Document]:
         raise DataError(f"{path}: not a BioC collection ({type(e).__name__}: {e})") from None
 
 
-def read_json(text: str, path: str) -> Iterator[Document]:
+def read_json(path: Path, head: str) -> Iterator[Document]:
+    """BioC JSON streamed with ijson (a collection's documents one by one, or a list's items), or JSON Lines of
+    documents line by line: memory does not grow with the file. ``head``: the file's first bytes, to tell which."""
+    import ijson
     from bioc.biocjson.decoder import parse_doc
 
-    def docs_of(obj, where):
+    where = str(path)
+
+    def docs_of(obj, at):
         if isinstance(obj, list):
             for item in obj:
-                yield from docs_of(item, where)
+                yield from docs_of(item, at)
         elif isinstance(obj, dict) and "documents" in obj:
-            yield from docs_of(obj["documents"], where)
+            yield from docs_of(obj["documents"], at)
         elif isinstance(obj, dict) and "passages" in obj:
             try:
-                d = parse_doc(
-                    {"infons": {}, "relations": [], **obj, "passages": [_passage(p) for p in obj["passages"]]}
-                )
+                body = {"infons": {}, "relations": [], **obj, "passages": [_passage(p) for p in obj["passages"]]}
+                d = parse_doc(body)
             except (KeyError, TypeError, ValueError) as e:
-                raise DataError(
-                    f"{where}: document {obj.get('id')!r}: expected BioC JSON, missing or bad {e}"
-                ) from None
-            yield from_bioc(d, path)
+                raise DataError(f"{at}: document {obj.get('id')!r}: expected BioC JSON, missing or bad {e}") from None
+            yield from_bioc(d, where)
         else:
-            raise DataError(f"{where}: expected a BioC collection, document or list of documents")
+            raise DataError(f"{at}: expected a BioC collection, document or list of documents")
 
-    stripped = text.lstrip()
+    body = head.lstrip("\ufeff \t\r\n")
+    first = body.split("\n", 1)[0]
     try:
-        yield from docs_of(json.loads(stripped), path)
+        lines = body.startswith("{") and isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        lines = False
+    if lines:  # JSON Lines: a document (or collection) per line
+        for n, line in enumerate(lines_of(path), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{where}:{n}: not valid JSON ({e.msg}); expected a BioC document per line"
+                    ) from None
+                yield from docs_of(obj, f"{where}:{n}")
         return
-    except json.JSONDecodeError as e:
-        if not stripped.startswith("{") or e.msg != "Extra data":
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected BioC JSON") from None
-    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines: one document (or collection) per line
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); expected a BioC document per line") from None
-            yield from docs_of(obj, f"{path}:{n}")
+    prefix = "item" if body.startswith("[") else "documents.item" if '"documents"' in head else ""
+    with open_binary(path) as f:
+        try:
+            for obj in ijson.items(f, prefix, use_float=True):
+                yield from docs_of(obj, where)
+        except ijson.JSONError as e:
+            raise DataError(f"{where}: not valid JSON ({e}); expected BioC JSON") from None
 
 
 def _passage(p: dict) -> dict:

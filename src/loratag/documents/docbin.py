@@ -71,7 +71,9 @@ class Writer:
     def __init__(self, stream, **_):
         Doc, DocBin, Vocab = _spacy()
         self.stream, self.Doc, self.vocab = stream, Doc, Vocab()
-        self.bin = DocBin(store_user_data=True)
+        # only what the Docs hold (words, entities): DocBin keeps every attribute of every token in memory until
+        # the file is written, and its default thirteen multiply that memory by four
+        self.bin = DocBin(attrs=["ORTH", "ENT_IOB", "ENT_TYPE"], store_user_data=True)
 
     def write(self, doc: Document, tagged=None) -> None:
         cuts = {x for s in doc.spans for x in (s.start, s.end)}

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from ..data import DataError
 from .model import Document, Span
+from .streams import open_binary
 
 # ---- JSON Lines: Prodigy {"text", "spans": [{start, end, label}]}, doccano {"text", "label": [[s, e, T]]} (or
 # "entities": [{start_offset, end_offset, label}]), loratag {"text", "entities": [{start, end, label}]}, {"text"}
@@ -110,32 +112,41 @@ def _task_text(task: dict, where: str) -> tuple[str, str]:
     return strings[0], data[strings[0]]
 
 
-def read_labelstudio(text: str, path: str) -> Iterator[Document]:
-    try:
-        tasks = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected Label Studio's JSON export") from None
-    if isinstance(tasks, dict):
-        tasks = [tasks]
-    if not isinstance(tasks, list):
-        raise DataError(f"{path}: expected a JSON list of tasks (Label Studio's JSON export)")
-    for i, task in enumerate(tasks):
-        where = f"{path}: task {task.get('id', i) if isinstance(task, dict) else i}"
-        if not isinstance(task, dict):
-            raise DataError(f"{where}: expected an object")
-        key, body = _task_text(task, where)
-        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        spans = []
-        for r in (done[0].get("result") or []) if done else []:
-            value = r.get("value") or {}
-            if r.get("type") not in ("labels", None) or "start" not in value:
-                continue
-            labels = value.get("labels") or []
-            if len(labels) != 1:
-                raise DataError(f"{where}: region {r.get('id')!r} has {len(labels)} labels; expected one")
-            spans.append(Span(value["start"], value["end"], labels[0], value.get("text"), r.get("id")))
-        rid = task.get("id", (task.get("data") or {}).get("id", ""))
-        yield Document.plain(str(rid) if rid is not None else "", body, spans, where=where, source=task)
+def read_labelstudio(path: Path) -> Iterator[Document]:
+    """Label Studio's JSON export (a list of tasks), streamed task by task with ijson."""
+    import ijson
+
+    with open_binary(path) as f:
+        try:
+            first = f.read(1)
+            while first and first.isspace():
+                first = f.read(1)
+            f.seek(0)
+            if first != b"[":
+                raise DataError(f'{path}: task 0: expected a task with "data" in a JSON list (Label Studio\'s export)')
+            for i, task in enumerate(ijson.items(f, "item", use_float=True)):
+                yield _task(task, i, path)
+        except ijson.JSONError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); expected Label Studio's JSON export") from None
+
+
+def _task(task, i: int, path: Path) -> Document:
+    where = f"{path}: task {task.get('id', i) if isinstance(task, dict) else i}"
+    if not isinstance(task, dict):
+        raise DataError(f"{where}: expected an object")
+    _, body = _task_text(task, where)
+    done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    spans = []
+    for r in (done[0].get("result") or []) if done else []:
+        value = r.get("value") or {}
+        if r.get("type") not in ("labels", None) or "start" not in value:
+            continue
+        labels = value.get("labels") or []
+        if len(labels) != 1:
+            raise DataError(f"{where}: region {r.get('id')!r} has {len(labels)} labels; expected one")
+        spans.append(Span(value["start"], value["end"], labels[0], value.get("text"), r.get("id")))
+    rid = task.get("id", (task.get("data") or {}).get("id", ""))
+    return Document.plain(str(rid) if rid is not None else "", body, spans, where=where, source=task)
 
 
 class LabelStudioWriter:
