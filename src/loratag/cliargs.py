@@ -15,9 +15,11 @@ EXAMPLES = """examples:
   loratag train --config configs/bionlp2004-guide.json --out runs/guide     # the PEFT guide, exactly
   loratag train --model roberta-large --data tner/bionlp2004 --bias all --out runs/rl
   loratag train --out runs/bionlp --resume                                   # after a crash or kill
+  loratag train --train train.bioc.xml --test test.pubtator --type-map SpecificDisease=Disease --out runs/d
   loratag evaluate runs/bionlp --data ../shared/data/bionlp2004 --split test
   loratag predict runs/bionlp --text "IL-2 gene expression requires NF-kappa B."
   loratag predict runs/bionlp --input abstracts.jsonl --output entities.jsonl
+  loratag predict runs/bionlp --input pubmed.bioc.xml.gz --output tagged.bioc.xml.gz   # any format in and out
   loratag predict runs/bionlp --input 'pubmed/*.jsonl.gz' --output tagged/       # sharded, resumable
   loratag predict runs/bionlp --input pubmed/ --output tagged/ --engine ray --ray-address auto
   loratag export runs/bionlp --out models/bionlp-merged                     # for transformers.pipeline

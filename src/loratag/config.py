@@ -209,18 +209,25 @@ class CorpusSettings:
     )
     test: str | None = _opt(None, "--test", "test FILE, scored once at the end", metavar="FILE")
     data_format: str | None = _opt(
-        None, "--data-format", "the input format, where detection cannot tell", choices=INPUT_FORMATS
+        None, "--data-format", "the input format, where detection cannot tell", choices=INPUT_FORMATS, metavar="FORMAT"
     )
     validation_fraction: float = _opt(
-        0.1, "--validation-fraction", "share of the training documents set aside for validation when none is given"
+        0.1,
+        "--validation-fraction",
+        "share of the training documents set aside for validation when none is given",
+        metavar="FRACTION",
     )
     types: tuple[str, ...] | None = _opt(
-        None, "--types", "comma-separated entity types to keep (after --type-map); the others are left out, counted"
+        None,
+        "--types",
+        "comma-separated entity types to keep (after --type-map); the others are left out, counted",
+        metavar="TYPE,...",
     )
     type_map: tuple[str, ...] | None = _opt(
         None,
         "--type-map",
         "comma-separated OLD=NEW renames or merges of entity types, e.g. SpecificDisease=Disease,DiseaseClass=Disease",
+        metavar="OLD=NEW,...",
     )
     overlaps: str = _opt(
         "longest",
@@ -228,6 +235,7 @@ class CorpusSettings:
         "of overlapping or nested mentions, keep the longest or the first (flat IOB2 holds one); the others are "
         "counted in the log and config.json",
         choices=("longest", "first"),
+        metavar="{longest,first}",
     )
     discontinuous: str = _opt(
         "first",
@@ -235,6 +243,7 @@ class CorpusSettings:
         "a discontinuous mention (brat 0 5;10 15, BioC several locations) keeps its first fragment or its whole "
         "extent (the words between included); counted",
         choices=("first", "extent"),
+        metavar="{first,extent}",
     )
 
     def __post_init__(self) -> None:
@@ -249,12 +258,10 @@ class CorpusSettings:
         for item in self.type_map or ():
             if "=" not in item:
                 raise ValueError(f"--type-map {item!r}: expected OLD=NEW")
-        if self.overlaps not in ("longest", "first"):
-            raise ValueError(f"--overlaps must be longest or first, got {self.overlaps!r}")
-        if self.discontinuous not in ("first", "extent"):
-            raise ValueError(f"--discontinuous must be first or extent, got {self.discontinuous!r}")
-        if self.data_format is not None and self.data_format not in INPUT_FORMATS:
-            raise ValueError(f"--data-format must be one of {', '.join(INPUT_FORMATS)}, got {self.data_format!r}")
+        for f in option_fields(CorpusSettings):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.metadata['flag']} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -337,7 +344,7 @@ def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str,
 
 
 def _field_names(cls: type | None) -> set[str]:
-    if cls is None:  # the top level: Config's own settings and its two sections
+    if cls is None:  # the top level: Config's own settings and its sections
         return {"model", "data", "lora", "train", "corpus"}
     return {f.name for f in fields(cls)}
 
@@ -387,19 +394,7 @@ class ServeSettings:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
 
 
-def serve_fields() -> list:
-    """The server settings that have a CLI flag, for cli.py."""
-    return option_fields(ServeSettings)
-
-
-def with_overrides(
-    cfg: Config, top: dict[str, Any], lora: dict[str, Any], train: dict[str, Any], corpus: dict[str, Any] | None = None
-) -> Config:
+def with_overrides(cfg: Config, top: dict, lora: dict, train: dict, corpus: dict | None = None) -> Config:
     """A new Config with the given fields replaced (validation runs again)."""
-    return replace(
-        cfg,
-        **top,
-        lora=replace(cfg.lora, **lora),
-        train=replace(cfg.train, **train),
-        corpus=replace(cfg.corpus, **(corpus or {})),
-    )
+    sections = {"lora": replace(cfg.lora, **lora), "train": replace(cfg.train, **train)}
+    return replace(cfg, **top, **sections, corpus=replace(cfg.corpus, **(corpus or {})))

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..cliargs import adapter_flags, device_flag, precision_flag
-from ..config import ServeSettings, serve_fields
+from ..config import ServeSettings, option_fields
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--runs-dir", type=Path, help="serve every run directory in this folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    for f in serve_fields():
+    for f in option_fields(ServeSettings):
         p.add_argument(
             f.metadata["flag"],
             dest=f"serve.{f.name}",
@@ -51,7 +51,7 @@ def run(args) -> None:
     from .app import default_workers, serve
     from .pool import AdapterPool, parse_runs
 
-    limits = {f.name: getattr(args, f"serve.{f.name}") for f in serve_fields()}
+    limits = {f.name: getattr(args, f"serve.{f.name}") for f in option_fields(ServeSettings)}
     workers = 1 if args.workers is None else args.workers  # checked here, chosen after the pool has loaded
     settings = ServeSettings(**limits, batching=not args.no_batching, workers=workers)
     labels = LabelSet.load(args.labels) if args.labels else None
