@@ -73,6 +73,14 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/bionlp2004"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    # the JSON Lines again, with tags as strings and no label.json: labels then sorted from the tags, as documents
+    # give them, so that the label order is not what tells the two apart
+    labels = LabelSet.from_mapping(json.loads((args.data / "label.json").read_text()))
+    (args.out / "tner-sorted").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(x) for x in (args.data / f"{split}.json").read_text().splitlines() if x.strip()]
+        lines = [json.dumps({"tokens": r["tokens"], "tags": [labels.labels[t] for t in r["tags"]]}) for r in rows]
+        (args.out / "tner-sorted" / f"{split}.json").write_text("\n".join(lines) + "\n")
     for split in ("train", "validation", "test"):
         docs = documents(args.data, split)
         for name, (fmt, pattern) in FORMATS.items():

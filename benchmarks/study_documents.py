@@ -26,9 +26,12 @@ SPLITS = {"bioc": "{}.bioc.xml", "pubtator": "{}.pubtator", "brat": "{}"}
 
 def arms(data: Path, docs: Path) -> dict[str, list[str]]:
     out = {f"jsonl-seed{s}": ["--data", str(data), "--seed", str(s)] for s in (42, 43, 44)}
+    for s in (42, 43, 44):  # the same sentences, labels in sorted order (as documents give them)
+        out[f"jsonl-sorted-labels-seed{s}"] = ["--data", str(docs / "tner-sorted"), "--seed", str(s)]
     for fmt, pattern in SPLITS.items():
         files = [f"--{split}={docs / fmt / pattern.format(split)}" for split in ("train", "validation", "test")]
-        out[f"{fmt}-seed42"] = [*files, "--seed", "42"]
+        for seed in (42, 43, 44) if fmt == "bioc" else (42,):  # BioC's seeds: the documents' own noise
+            out[f"{fmt}-seed{seed}"] = [*files, "--seed", str(seed)]
     return out
 
 

@@ -320,3 +320,13 @@ def test_label_studio_accepts_our_predictions(tmp_path):
         "result": [{**prediction["result"][0], "value": {**prediction["result"][0]["value"], "labels": ["Nothing"]}}],
     }
     assert li.validate_prediction(wrong, return_errors=True)  # the check is not vacuous
+
+
+def test_label_studio_tasks_with_several_annotations_are_counted(tmp_path, caplog):
+    tasks = json.loads((DOCS / "labelstudio.json").read_text())
+    first = tasks[0]["annotations"][0]["result"]
+    tasks[0]["annotations"] = [{"result": [], "was_cancelled": True}, {"result": first}, {"result": first[:1]}]
+    (tmp_path / "x.json").write_text(json.dumps(tasks))
+    docs = list(read_documents(tmp_path / "x.json"))
+    assert len(docs[0].spans) == len(first)  # the first annotation not cancelled
+    assert "1 tasks have several annotations; the first one not cancelled of each is read" in caplog.text

@@ -4,6 +4,7 @@ doccano's JSON Lines, and loratag's own predictions (``{"text", "entities"}``), 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import TextIO
 from ..data import DataError
 from .model import Document, Span
 from .streams import open_binary
+
+log = logging.getLogger("loratag")
 
 # ---- JSON Lines: Prodigy {"text", "spans": [{start, end, label}]}, doccano {"text", "label": [[s, e, T]]} (or
 # "entities": [{start_offset, end_offset, label}]), loratag {"text", "entities": [{start, end, label}]}, {"text"}
@@ -124,10 +127,25 @@ def read_labelstudio(path: Path) -> Iterator[Document]:
             f.seek(0)
             if first != b"[":
                 raise DataError(f'{path}: task 0: expected a task with "data" in a JSON list (Label Studio\'s export)')
+            several = 0
             for i, task in enumerate(ijson.items(f, "item", use_float=True)):
+                done = (
+                    [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+                    if isinstance(task, dict)
+                    else []
+                )
+                several += len(done) > 1
                 yield _task(task, i, path)
+            if several:
+                log.warning(
+                    "%s: %d tasks have several annotations; the first one not cancelled of each is read", path, several
+                )
         except ijson.JSONError as e:
             raise DataError(f"{path}: not valid JSON ({e}); expected Label Studio's JSON export") from None
+
+
+def _done(task: dict) -> list:
+    return [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
 
 
 def _task(task, i: int, path: Path) -> Document:
@@ -135,7 +153,7 @@ def _task(task, i: int, path: Path) -> Document:
     if not isinstance(task, dict):
         raise DataError(f"{where}: expected an object")
     _, body = _task_text(task, where)
-    done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    done = _done(task)
     spans = []
     for r in (done[0].get("result") or []) if done else []:
         value = r.get("value") or {}
