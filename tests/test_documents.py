@@ -330,3 +330,19 @@ def test_label_studio_tasks_with_several_annotations_are_counted(tmp_path, caplo
     docs = list(read_documents(tmp_path / "x.json"))
     assert len(docs[0].spans) == len(first)  # the first annotation not cancelled
     assert "1 tasks have several annotations; the first one not cancelled of each is read" in caplog.text
+
+
+def test_sentence_files_may_be_gzipped_too(tmp_path):
+    """tner JSON Lines and CoNLL read through the same gzip-aware lines as documents."""
+    import gzip
+    import shutil
+
+    from loratag.corpus import load
+
+    tiny = DOCS.parent / "tiny"
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.json.gz").write_bytes(gzip.compress((tiny / f"{split}.json").read_bytes()))
+    shutil.copy(tiny / "label.json", tmp_path / "label.json")
+    plain, zipped = load(str(tiny)), load(str(tmp_path))
+    assert zipped.splits == plain.splits and zipped.labels == plain.labels
+    assert zipped.report["train"]["format"] == "tner"

@@ -7,7 +7,6 @@ loratag reads (sentence files through data.py, documents through documents/). Do
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 import re
@@ -16,7 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import CorpusSettings
-from .data import HUB_NAME, Corpus, DataError, Sentence, _to_sentences, load_corpus, read_conll, read_jsonl
+from .data import (
+    HUB_NAME,
+    Corpus,
+    DataError,
+    Sentence,
+    _to_sentences,
+    load_corpus,
+    read_conll,
+    read_jsonl,
+    read_label_json,
+)
 from .labels import LabelSet
 
 log = logging.getLogger("loratag")
@@ -46,16 +55,6 @@ def find_splits(folder: Path) -> dict[str, Path]:
         if paths:
             out[split] = exact[0] if len(paths) > 1 else paths[0]
     return out
-
-
-def _label_json(folder: Path | None) -> tuple[LabelSet | None, str | None]:
-    if folder is None or not (folder / "label.json").is_file():
-        return None, None
-    path = folder / "label.json"
-    try:
-        return LabelSet.from_mapping(json.loads(path.read_text(encoding="utf-8"))), str(path)
-    except (json.JSONDecodeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path}: expected a JSON object label -> id ({e})") from None
 
 
 def _documents_tsv(folder: Path | None) -> dict[str, list[tuple[str, int]]]:
@@ -156,7 +155,7 @@ def load(
     for split, p in paths.items():
         if not p.exists():
             raise FileNotFoundError(f"--{split} {p}: not found")
-    known, labels_from = (labels, "--labels") if labels is not None else _label_json(folder)
+    known, labels_from = (labels, "--labels") if labels is not None else read_label_json(folder)
     grouping = _documents_tsv(folder)
     sentences, documents, report = {}, {}, {}
     for split, p in paths.items():

@@ -5,11 +5,14 @@ Every error names the file and line (or record) and what was expected.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from .labels import LabelSet, repair_iob2
 
@@ -68,21 +71,63 @@ def decode_utf8(raw: bytes, path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 ({bad}); save the file as UTF-8") from None
 
 
+def open_binary(path: Path) -> BinaryIO:
+    """A file's bytes, gunzipped for a ``.gz`` name."""
+    try:
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def lines_of(path: Path) -> Iterator[str]:
+    """A text file's lines (gunzipped for ``.gz``) as UTF-8, one at a time, line ends kept; a bad byte names the
+    file and its line."""
+    pos = 0
+    try:
+        with open_binary(path) as f:
+            for n, raw in enumerate(f, 1):  # decoded line by line: a bad byte is known to its line
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = f"byte {raw[e.start]:#04x} at offset {pos + e.start}"
+                    raise DataError(f"{path}:{n}: not UTF-8 ({bad}); save the file as UTF-8") from None
+                pos += len(raw)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
 def _read_lines(path: Path) -> list[str]:
-    return read_text(path).splitlines()
+    return [line.rstrip("\r\n") for line in lines_of(path)]
+
+
+def json_records(lines: Iterable[str], path: Path | str, expected: str) -> Iterator[tuple[Any, str]]:
+    """``(record, "file:line")`` of each non-blank JSON Lines line; a line that is not JSON stops naming its place
+    and ``expected``."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            yield json.loads(line), where
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); expected {expected}") from None
+
+
+def read_label_json(folder: Path | None) -> tuple[LabelSet | None, str | None]:
+    """The label order of ``folder/label.json`` (label -> id) and where it came from; ``(None, None)`` without one."""
+    if folder is None or not (folder / "label.json").is_file():
+        return None, None
+    path = folder / "label.json"
+    try:
+        return LabelSet.from_mapping(json.loads(path.read_text(encoding="utf-8"))), str(path)
+    except (json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: expected a JSON object label -> id ({e})") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[list[str], list, str]]:
     """Records ``(tokens, raw_tags, where)`` of a tner JSON Lines file; tags may be ids or strings."""
     out = []
-    for n, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+    for rec, where in json_records(lines_of(path), path, "one object per line"):
         if not isinstance(rec, dict) or "tokens" not in rec or "tags" not in rec:
             raise DataError(f'{where}: expected an object {{"tokens": [...], "tags": [...]}}')
         tokens, tags = rec["tokens"], rec["tags"]
@@ -166,13 +211,7 @@ def load_folder(folder: str | Path, labels: LabelSet | None = None) -> Corpus:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data directory not found: {folder}")
-    labels_from = "--labels" if labels is not None else None
-    if labels is None and (folder / "label.json").is_file():
-        labels_from = str(folder / "label.json")
-        try:
-            labels = LabelSet.from_mapping(json.loads((folder / "label.json").read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValueError, AttributeError) as e:
-            raise DataError(f"{folder / 'label.json'}: expected a JSON object label -> id ({e})") from None
+    labels, labels_from = (labels, "--labels") if labels is not None else read_label_json(folder)
     paths = {s: _find_split(folder, s) for s in SPLIT_NAMES}
     for split in ("train", "validation"):
         if paths[split] is None:

@@ -34,10 +34,7 @@ def scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict
         for k, v in report.items()
         if not k.endswith(" avg")
     }
-    untyped = span_scores(
-        [[(a, b, "") for a, b, _ in tags_to_spans(g)] for g in gold],
-        [[(a, b, "") for a, b, _ in tags_to_spans(p)] for p in pred],
-    )
+    untyped = span_scores(_untyped(map(tags_to_spans, gold)), _untyped(map(tags_to_spans, pred)))
     return {
         "precision": float(precision_score(gold, pred, zero_division=0)),
         "recall": float(recall_score(gold, pred, zero_division=0)),
@@ -72,6 +69,11 @@ def evaluate(
     result["decode"] = tagger.decode
     result["autocast"] = tagger.precision  # the forward passes' dtype (fp32 / bf16 / fp16): F1 differs slightly
     return result
+
+
+def _untyped(mentions) -> list[list[tuple]]:
+    """The same mentions with their types left out: what untyped (boundary) scores compare."""
+    return [[(a, b, "") for a, b, _ in m] for m in mentions]
 
 
 def span_scores(gold: Sequence[Sequence[tuple]], pred: Sequence[Sequence[tuple]]) -> dict:
@@ -111,9 +113,7 @@ def document_scores(tagger: Tagger, documents: Sequence, progress: bool = False)
     gold = [[(s.start, s.end, s.type) for s in d.spans] for d in documents]
     pred = [[(s.start, s.end, s.type) for s in d.spans if s.ours] for d, _ in tagged]
     exact = span_scores(gold, pred)
-    boundary = span_scores(
-        [[(a, b, "") for a, b, _ in g] for g in gold], [[(a, b, "") for a, b, _ in p] for p in pred]
-    )
+    boundary = span_scores(_untyped(gold), _untyped(pred))
     return {
         "exact": exact,
         "boundary": {k: boundary[k] for k in ("precision", "recall", "f1")},

@@ -25,9 +25,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data import DataError
+from ..data import DataError, lines_of, open_binary
 from .model import Document, Passage, Span, check_spans
-from .streams import lines_of, open_binary
 
 __all__ = ["Document", "Passage", "Span", "check_spans", "detect", "read_documents", "open_writer", "output_format"]
 
@@ -74,9 +73,8 @@ def output_format(path: Path, fmt: str | None = None) -> str:
 
 
 def _head(path: Path) -> str:
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with open_binary(path) as f:
             return f.read(HEAD).decode("utf-8", errors="replace")
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
@@ -121,10 +119,6 @@ def detect(path: Path) -> str:
     if name_suffix(path) in (".json", ".jsonl"):
         return "jsonl"
     return "text"
-
-
-def _text(path: Path) -> str:
-    return "".join(lines_of(path))
 
 
 def read_documents(path: str | Path, fmt: str | None = None) -> Iterator[Document]:

@@ -15,9 +15,8 @@ from datetime import date
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from ..data import DataError
+from ..data import DataError, json_records, lines_of, open_binary
 from .model import Document, Passage, Span
-from .streams import lines_of, open_binary
 
 TYPE_KEYS = ("type", "Type", "entity_type", "class")
 
@@ -113,15 +112,8 @@ def read_json(path: Path, head: str) -> Iterator[Document]:
     except json.JSONDecodeError:
         lines = False
     if lines:  # JSON Lines: a document (or collection) per line
-        for n, line in enumerate(lines_of(path), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{where}:{n}: not valid JSON ({e.msg}); expected a BioC document per line"
-                    ) from None
-                yield from docs_of(obj, f"{where}:{n}")
+        for obj, at in json_records(lines_of(path), where, "a BioC document per line"):
+            yield from docs_of(obj, at)
         return
     prefix = "item" if body.startswith("[") else "documents.item" if '"documents"' in head else ""
     with open_binary(path) as f:

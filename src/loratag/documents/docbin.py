@@ -41,29 +41,26 @@ def words_and_spaces(text: str, cuts: set[int]) -> tuple[list[str], list[bool]]:
     >>> words_and_spaces("IL-2  binds\\n", {2})
     (['IL', '-2', ' ', 'binds', '\\n'], [False, True, False, False, False])
     """
-    words, spaces, pos = [], [], 0
-    bounds = []
-    for w in split_words(text):
-        inner = sorted(c for c in cuts if w.start < c < w.end)
-        edges = [w.start, *inner, w.end]
-        bounds += list(zip(edges, edges[1:]))
-    for a, b in bounds:
-        gap = text[pos:a]
+    words: list[str] = []
+    spaces: list[bool] = []
+    pos = 0
+
+    def white(upto: int) -> None:  # the text between the last word and ``upto``
+        gap = text[pos:upto]
+        if gap and words and gap[0] == " ":
+            spaces[-1], gap = True, gap[1:]
         if gap:
-            if words and gap[0] == " ":
-                spaces[-1], gap = True, gap[1:]
-            if gap:
-                words.append(gap)
-                spaces.append(False)
-        words.append(text[a:b])
-        spaces.append(False)
-        pos = b
-    gap = text[pos:]
-    if gap and words and gap[0] == " ":
-        spaces[-1], gap = True, gap[1:]
-    if gap:
-        words.append(gap)
-        spaces.append(False)
+            words.append(gap)
+            spaces.append(False)
+
+    for w in split_words(text):
+        edges = [w.start, *sorted(c for c in cuts if w.start < c < w.end), w.end]
+        for a, b in zip(edges, edges[1:]):
+            white(a)
+            words.append(text[a:b])
+            spaces.append(False)
+            pos = b
+    white(len(text))
     return words, spaces
 
 

@@ -10,9 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from ..data import DataError
+from ..data import DataError, json_records, open_binary
 from .model import Document, Span
-from .streams import open_binary
 
 log = logging.getLogger("loratag")
 
@@ -20,7 +19,7 @@ log = logging.getLogger("loratag")
 # "entities": [{start_offset, end_offset, label}]), loratag {"text", "entities": [{start, end, label}]}, {"text"}
 
 
-def _record_id(rec: dict, n: int) -> str:
+def _record_id(rec: dict) -> str:
     meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
     for v in (rec.get("id"), meta.get("id"), meta.get("pmid")):
         if v is not None:
@@ -45,14 +44,7 @@ def _span(item, where: str) -> tuple[int, int, str, float | None]:
 
 
 def read_jsonl(lines: Iterable[str], path: str) -> Iterator[Document]:
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); expected one object per line") from None
+    for rec, where in json_records(lines, path, "one object per line"):
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
             raise DataError(f'{where}: expected an object with a string field "text"')
         items = next((rec[k] for k in ("spans", "label", "entities") if isinstance(rec.get(k), list)), [])
@@ -61,7 +53,7 @@ def read_jsonl(lines: Iterable[str], path: str) -> Iterator[Document]:
             start, end, kind, score = _span(item, where)
             text = item.get("text") if isinstance(item, dict) else None
             spans.append(Span(start, end, kind, text, None, (), {}, score))
-        yield Document.plain(_record_id(rec, n), rec["text"], spans, where=where, source=rec)
+        yield Document.plain(_record_id(rec), rec["text"], spans, where=where, source=rec)
 
 
 class JsonlWriter:

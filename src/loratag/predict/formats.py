@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..data import DataError, decode_utf8, read_jsonl, read_text
+from ..data import lines_of, read_jsonl, read_text
 from ..tagger import TaggedDocument, Tagger
 from ..text import Word, entities
 
@@ -18,19 +18,6 @@ COLOURS = ["31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96
 def suffix(path: Path) -> str:
     """The format's extension, under a ``.gz``: ``a.jsonl.gz`` -> ``.jsonl``."""
     return Path(path.name[: -len(".gz")]).suffix if path.name.endswith(".gz") else path.suffix
-
-
-def _file_text(path: Path) -> str:
-    """A UTF-8 file's text, gunzipped if it ends in .gz; errors name file:line."""
-    if not path.name.endswith(".gz"):
-        return read_text(path)
-    import gzip
-
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: not a gzip file ({e})") from None
-    return decode_utf8(raw, path)
 
 
 def read_input(path: Path, fmt: str | None = None) -> tuple[str, Iterable]:
@@ -49,7 +36,7 @@ def read_input(path: Path, fmt: str | None = None) -> tuple[str, Iterable]:
         raise FileNotFoundError(f"input file not found: {path}")
     fmt = fmt or detect(path)
     if fmt == "conll":
-        return "words", _conll_words(_file_text(path))
+        return "words", _conll_words("".join(lines_of(path)))
     if fmt == "tner":
         return "words", [tokens for tokens, *_ in read_jsonl(path)]
     return "documents", read_documents(path, fmt)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..documents import name_suffix
 from ..labels import LabelSet
 from ..progress import bar as progress_bar
 from ..rundir import append_line, write_atomic
@@ -111,8 +112,8 @@ def find_shards(spec: str | Path, options: ShardOptions | None = None) -> list[S
         raise FileNotFoundError(f"{spec}: no input shards (files ending in {', '.join(SHARD_FORMATS)}, or .gz)")
     shards = []
     for p in files:
-        stem = p.relative_to(root).as_posix().replace("/", "__").removesuffix(".gz")
-        stem = stem.removesuffix(".bioc.xml").removesuffix(".bioc.json").removesuffix(suffix(p))
+        rel = p.relative_to(root).as_posix().replace("/", "__").removesuffix(".gz")
+        stem = rel[: len(rel) - len(name_suffix(p))]  # the whole format suffix: a.bioc.xml -> a
         fmt = options.format or ("conll" if suffix(p) in CONLL else "jsonl")
         shards.append(Shard(p, stem + EXTENSIONS[fmt]))
     names = [s.name for s in shards]
