@@ -75,3 +75,19 @@ def test_viterbi_is_the_best_valid_sequence_by_brute_force(seed):
     assert sum(float(logp[t, j]) for t, j in enumerate(got)) == pytest.approx(
         sum(float(logp[t, j]) for t, j in enumerate(best)), abs=1e-5
     )
+
+
+def test_viterbi_many_gives_each_sentence_the_path_viterbi_gives_it():
+    """Sentences of every length (one word to long, and empty) decoded together in chunks: every path equals the
+    one-sentence decoder's, including where padding past a short sentence's end would change it if it leaked."""
+    import torch
+
+    from loratag.labels import viterbi, viterbi_many
+
+    names = ["O", "B-DNA", "I-DNA", "B-RNA", "I-RNA", "B-cell_type", "I-cell_type"]
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 2, 3, 0, 40, 7, 1, 19, 64, 5] * 7
+    sentences = [torch.randn(n, len(names), generator=gen).mul(3).log_softmax(-1) for n in lengths]
+    many = viterbi_many([s.numpy() for s in sentences], names, chunk=8)
+    assert many == [viterbi(s, names) if len(s) else [] for s in sentences]
+    assert all(len(p) == n for p, n in zip(many, lengths))

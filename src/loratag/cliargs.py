@@ -67,6 +67,17 @@ def precision_flag() -> argparse.ArgumentParser:
     )
 
 
+def quantize_flag() -> argparse.ArgumentParser:
+    """--quantize: one flag, one help, for evaluate, predict (sharded and Ray too) and serve."""
+    return _parent(
+        "--quantize",
+        choices=("int8",),
+        help="int8: the merged model exported to ONNX and run by ONNX Runtime with int8 matmuls (weights one scale "
+        "per output channel, activations quantized per batch), fused attention and fp32 LayerNorm/GELU; CPU only, "
+        "with --precision auto or fp32. docs/int8.md has its speed and F1 against fp32 [default: none]",
+    )
+
+
 def decode_flag() -> argparse.ArgumentParser:
     return _parent(
         "--decode",

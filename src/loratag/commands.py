@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .cliargs import adapter_flags, add_config_flags, decode_flag, device_flag, given, precision_flag
+from .cliargs import adapter_flags, add_config_flags, decode_flag, device_flag, given, precision_flag, quantize_flag
 from .config import Config, CorpusSettings, LoraSettings, with_overrides
 
 # ---- evaluate -------------------------------------------------------------------------------------------------------
@@ -18,7 +18,7 @@ from .config import Config, CorpusSettings, LoraSettings, with_overrides
 def add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
-        parents=[adapter_flags(), precision_flag(), decode_flag(), device_flag()],
+        parents=[adapter_flags(), precision_flag(), quantize_flag(), decode_flag(), device_flag()],
         help="score a run (or PEFT adapter) on a data split; prints JSON",
         description="Scores a split with seqeval (entities over words, typed, and untyped boundaries) and, for data "
         "read from documents, on character spans as predict tags them. The data: --data, or a file per split "
@@ -77,8 +77,9 @@ def evaluate(args) -> None:
         logging.getLogger("loratag").info("labels: %s (the adapter carries none)", corpus.labels_from)
         labels = corpus.labels
     tagger = Tagger.load(
-        args.run, labels=labels, device=args.device, base=args.base, precision=args.precision, decode=args.decode
-    )
+        args.run, labels=labels, device=args.device, base=args.base, precision=args.precision, decode=args.decode,
+        quantize=args.quantize,
+    )  # fmt: skip
     unknown = set(corpus.labels.labels) - set(tagger.labels.labels)
     if unknown:  # label ids may be ordered differently; names must be known to the model
         raise ValueError(
@@ -91,7 +92,8 @@ def evaluate(args) -> None:
         result["characters"] = document_scores(tagger, corpus.documents[args.split], True)
     if corpus.report.get(args.split, {}).get("repairs"):
         result["repairs"] = corpus.report[args.split]["repairs"]
-    output = args.output or (args.run / f"eval-{args.split}.json" if (args.run / METRICS).exists() else None)
+    name = f"eval-{args.split}" + ("-int8" if args.quantize else "")  # never over the float figures
+    output = args.output or (args.run / f"{name}.json" if (args.run / METRICS).exists() else None)
     if output:
         write_json(Path(output), result)
     print(json.dumps(result))
@@ -137,11 +139,17 @@ def add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         parents=[adapter_flags()],
-        help="write a standalone transformers model (LoRA merged, head, id2label) for pipeline()",
-        description="The result loads with transformers.pipeline('token-classification', model=DIR) as is.",
+        help="write a standalone model: transformers (for pipeline()) or ONNX (for onnxruntime)",
+        description="Without --onnx, a transformers model (LoRA merged, the adapter's head, id2label) that loads with "
+        "transformers.pipeline('token-classification', model=DIR) as is. With --onnx, model.onnx (fp32; attention, "
+        "LayerNorm and GELU fused as ONNX Runtime's optimizer does) and, with --quantize int8, model_quantized.onnx, "
+        "beside config.json (id2label), the tokenizer and onnx.json; inputs input_ids and attention_mask, output "
+        "logits; each word takes its first sub-token's label. onnxruntime alone runs them (docs/int8.md shows how).",
     )
     p.add_argument("run", type=Path, help="run directory, or a PEFT adapter directory")
     p.add_argument("--out", required=True, type=Path, help="directory to write")
+    p.add_argument("--onnx", action="store_true", help="write ONNX files for onnxruntime instead")
+    p.add_argument("--quantize", choices=("int8",), help="with --onnx: also the int8 model (model_quantized.onnx)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run_command=export)
 
@@ -152,8 +160,16 @@ def export(args) -> None:
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    if args.quantize and not args.onnx:
+        raise ValueError("--quantize int8 writes an ONNX model: add --onnx")
     labels = LabelSet.load(args.labels) if args.labels else None
     tagger = Tagger.load(args.run, labels=labels, device="cpu", base=args.base, precision="fp32")
+    if args.onnx:
+        from .onnxrt import export_dir
+
+        record = export_dir(tagger, args.out, args.quantize)
+        print(f"ONNX ({', '.join(record['files'].values())}) -> {args.out}")
+        return
     tagger.export(args.out)
     print(f"merged model -> {args.out}")
 

@@ -68,6 +68,8 @@ def evaluate(
     result["windowed_sentences"] = sum(n for _, n in parts)
     result["decode"] = tagger.decode
     result["autocast"] = tagger.precision  # the forward passes' dtype (fp32 / bf16 / fp16): F1 differs slightly
+    if tagger.quantized:
+        result["quantized"] = tagger.quantized  # int8 through ONNX Runtime: how (scales, ops), beside its F1
     return result
 
 

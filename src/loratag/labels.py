@@ -125,3 +125,43 @@ def viterbi(logprobs, labels: Sequence[str]) -> list[int]:
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     return path[::-1]
+
+
+def viterbi_many(logprobs: Sequence, labels: Sequence[str], chunk: int = 256) -> list[list[int]]:
+    """``viterbi`` for many sentences at once (the same labels): the same float32 sums in the same order, so the
+    same paths, but one numpy step per word position for a chunk of sentences of similar length instead of one
+    torch step per word of each sentence (decoding took ~15% of int8 prediction time one sentence at a time)."""
+    import numpy as np
+
+    allowed, start = may_follow(labels)
+    block = np.where(np.array(allowed), np.float32(0), np.float32(-np.inf)).astype(np.float32)
+    opening = np.where(np.array(start), np.float32(0), np.float32(-np.inf)).astype(np.float32)
+    k = len(labels)
+    order = sorted(range(len(logprobs)), key=lambda i: len(logprobs[i]))
+    out: list[list[int]] = [[] for _ in logprobs]
+    for c in range(0, len(order), chunk):
+        idx = [i for i in order[c : c + chunk] if len(logprobs[i])]
+        if not idx:
+            continue
+        lengths = np.array([len(logprobs[i]) for i in idx])
+        lp = np.zeros((len(idx), lengths.max(), k), dtype=np.float32)
+        for r, i in enumerate(idx):
+            lp[r, : lengths[r]] = np.asarray(logprobs[i], dtype=np.float32)
+        rows = np.arange(len(idx))
+        score = lp[:, 0] + opening
+        back = np.empty((lengths.max(), len(idx), k), dtype=np.int64)
+        stay = np.broadcast_to(np.arange(k), (len(idx), k))  # past a sentence's end the path keeps its label
+        for t in range(1, lengths.max()):
+            total = score[:, :, None] + block  # (sentence, previous, current)
+            arg = total.argmax(1)
+            best = np.take_along_axis(total, arg[:, None, :], 1)[:, 0]
+            active = (t < lengths)[:, None]
+            back[t] = np.where(active, arg, stay)
+            score = np.where(active, best + lp[:, t], score)
+        path = [score.argmax(1)]
+        for t in range(lengths.max() - 1, 0, -1):
+            path.append(back[t][rows, path[-1]])
+        ids = np.stack(path[::-1], 1)
+        for r, i in enumerate(idx):
+            out[i] = ids[r, : lengths[r]].tolist()
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 from .config import DECODINGS
 from .encoding import collate, encode, inference_batches
-from .labels import LabelSet, repair_iob2, viterbi
+from .labels import LabelSet, repair_iob2, viterbi_many
 from .modeling import load_adapter, load_tokenizer, model_max_length, resolve_model
 from .precision import autocast, device_of, precision_name, resolve_precision
 from .progress import bar as progress_bar
@@ -29,16 +28,6 @@ class TaggedDocument:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "entities": [e.to_dict() for e in self.entities]}
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of the Linear layers (CPU). torch.ao's quantize_dynamic is deprecated in
-    favour of torchao but still ships with torch 2.13 and needs no compile step; its warning is silenced."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class WordLogits(list):
@@ -74,6 +63,11 @@ class Tagger:
         self.decode = decode
 
     @property
+    def quantized(self) -> dict | None:
+        """How an int8 model was made (engine, weight scales, ops), or None for a float model."""
+        return getattr(self.model, "describe", None) or None
+
+    @property
     def precision(self) -> str:
         """The dtype the forward passes run in: ``fp32``, ``bf16`` or ``fp16``."""
         return precision_name(self.dtype)
@@ -92,7 +86,8 @@ class Tagger:
         """From a loratag run directory or a plain PEFT adapter directory (``rundir.resolve_adapter`` says which
         labels, base and decoding: ``labels`` and ``base`` as ``--labels`` and ``--base``). ``merge``: fold the LoRA
         weights (and the adapter's classifier head) into the base model, so inference runs a plain transformers
-        model. ``quantize="int8"``: dynamic int8 Linear layers (CPU, fp32 around them)."""
+        model. ``quantize="int8"``: the merged model exported to ONNX and run by ONNX Runtime with int8 matmuls
+        (CPU; onnxrt.py says how and why)."""
         ref = resolve_adapter(Path(path), labels, base)
         kw.setdefault("max_length", ref.max_length)
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
@@ -113,7 +108,9 @@ class Tagger:
         if merge or quantize:
             model = model.merge_and_unload().eval()
         if quantize == "int8":
-            model = quantize_int8(model)
+            from .onnxrt import int8_model
+
+            model = int8_model(model, tokenizer.pad_token_id or 0)
         return cls(model, tokenizer, ref.labels, device=device_of(device), **kw)
 
     def export(self, out: str | Path) -> None:
@@ -121,8 +118,10 @@ class Tagger:
         model = self.model
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        if any("quantized" in type(m).__name__.lower() for m in model.modules()):
-            raise ValueError("an int8-quantized model cannot be exported; load it without --quantize")
+        if self.quantized:
+            raise ValueError(
+                "an int8 model cannot be saved for transformers; use loratag export --onnx --quantize int8"
+            )
         model.config.id2label, model.config.label2id = self.labels.id2label, self.labels.label2id
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
@@ -188,19 +187,23 @@ class Tagger:
         O or another type)."""
         decode = decode or self.decode
         per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
+        names = [(label_sets[i] if label_sets is not None else self.labels).labels for i in range(len(word_logits))]
+        logps = [logits.log_softmax(-1) for logits in word_logits]
+        ids: list = [logp.argmax(-1) for logp in logps]
+        by_labels: dict[tuple[str, ...], list[int]] = {}
+        for i, how in enumerate(per_sentence):
+            if how == "constrained" and len(logps[i]):
+                by_labels.setdefault(tuple(names[i]), []).append(i)
+        for labels, group in by_labels.items():
+            for i, path in zip(group, viterbi_many([logps[i].numpy() for i in group], labels)):
+                ids[i] = torch.tensor(path)
         out = []
-        for i, logits in enumerate(word_logits):
-            if not len(logits):
+        for i, logp in enumerate(logps):
+            if not len(logp):
                 out.append(([], []))
                 continue
-            names = (label_sets[i] if label_sets is not None else self.labels).labels
-            logp = logits.log_softmax(-1)
-            if per_sentence[i] == "constrained":
-                ids = torch.tensor(viterbi(logp, names))
-            else:
-                ids = logp.argmax(-1)
-            probs = logp.gather(1, ids[:, None])[:, 0].exp()
-            out.append((repair_iob2([names[j] for j in ids.tolist()])[0], [round(p, 4) for p in probs.tolist()]))
+            probs = logp.gather(1, ids[i][:, None])[:, 0].exp()
+            out.append((repair_iob2([names[i][j] for j in ids[i].tolist()])[0], [round(p, 4) for p in probs.tolist()]))
         return out
 
     def tag_documents(

@@ -6,14 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..cliargs import adapter_flags, decode_flag, device_flag, precision_flag
+from ..cliargs import adapter_flags, decode_flag, device_flag, precision_flag, quantize_flag
 from ..documents import READ_FORMATS, WRITE_FORMATS
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "predict",
-        parents=[adapter_flags(), precision_flag(), decode_flag(), device_flag()],
+        parents=[adapter_flags(), precision_flag(), quantize_flag(), decode_flag(), device_flag()],
         help="tag raw text or files: entities with character offsets",
         description="Raw text is split into sentences and words (GENIA-style), each word labelled by its first "
         "sub-token, IOB2 decoded into entities with character offsets and a score. Documents of any length: "
@@ -62,12 +62,6 @@ def register(sub) -> None:
     p.add_argument("--actors", type=int, default=1, help="--engine ray: model-holding actors [default: 1]")
     p.add_argument("--ray-address", help="--engine ray: the cluster (auto, ray://host:10001) [default: a local one]")
     p.add_argument("--words", action="store_true", help="print each word with its label instead of entities")
-    p.add_argument(
-        "--quantize",
-        choices=("int8",),
-        help="dynamic int8 quantization of the Linear layers (CPU; fp32 around them, so --precision must be auto or "
-        "fp32)",
-    )
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA weights apart (slower; for checks)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch [default: 64]")
     p.set_defaults(run_command=run)

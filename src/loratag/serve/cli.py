@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..cliargs import adapter_flags, device_flag, precision_flag
+from ..cliargs import adapter_flags, device_flag, precision_flag, quantize_flag
 from ..config import ServeSettings, option_fields
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "serve",
-        parents=[adapter_flags(), precision_flag(), device_flag()],
+        parents=[adapter_flags(), precision_flag(), quantize_flag(), device_flag()],
         help="serve many adapters on one base model over HTTP (FastAPI)",
         description="Loads every run's adapter onto one shared base model and answers POST /v1/tag, "
         "GET /v1/adapters, /healthz, /metrics (Prometheus) and a web page at /. Concurrent requests are "
@@ -56,6 +56,8 @@ def run(args) -> None:
     settings = ServeSettings(**limits, batching=not args.no_batching, workers=workers)
     labels = LabelSet.load(args.labels) if args.labels else None
     runs = parse_runs(args.runs, args.runs_dir)
-    pool = AdapterPool(runs, device=args.device, base=args.base, labels=labels, precision=args.precision)
+    pool = AdapterPool(
+        runs, device=args.device, base=args.base, labels=labels, precision=args.precision, quantize=args.quantize
+    )
     settings = dataclasses.replace(settings, workers=args.workers or default_workers(pool))
     serve(pool, args.host, args.port, settings)

@@ -126,9 +126,17 @@ class AdapterPool:
         base: str | None = None,
         labels: LabelSet | None = None,
         precision: str = "auto",
+        quantize: str | None = None,
     ):
         """``base``: one base model for every adapter, instead of the one each names. ``labels``: the label order of
-        plain PEFT adapters that carry none."""
+        plain PEFT adapters that carry none. ``quantize="int8"``: one adapter, merged into its base and run by ONNX
+        Runtime in int8 (the path of predict --quantize int8); stacked adapters stay apart from the base, so int8
+        cannot hold several."""
+        if quantize and len(runs) != 1:
+            raise ValueError(
+                f"--quantize int8 serves one adapter (merged into its base, exported to ONNX); {len(runs)} were "
+                "given: run one server per adapter with --quantize int8, or serve them together in float"
+            )
         self.adapters: dict[str, Adapter] = {}
         base_name = None
         for path, name in runs:
@@ -147,6 +155,16 @@ class AdapterPool:
                 )
             self.adapters[name] = adapter
         names = list(self.adapters)
+        self.merged = quantize is not None
+        if self.merged:
+            only = self.adapters[names[0]]
+            self.tagger = Tagger.load(
+                only.run, labels=labels, device=device, quantize=quantize, base=base, batch_size=batch_size,
+                precision=precision,
+            )  # fmt: skip
+            self.stacked, self._local, self._serial = True, threading.local(), contextlib.nullcontext()
+            log.info("serving %s on %s in int8 (merged, ONNX Runtime)", only.name, base_name)
+            return
         model, biases = load_shared(list(self.adapters.values()), base_name)
         model = model.to(device_of(device))
         biases = [{k: v.to(device_of(device)) for k, v in b.items()} for b in biases]
@@ -197,4 +215,5 @@ class AdapterPool:
         decodes = [self.adapters[a].decode for a in adapters]
         with self._serial:
             tagger = self._thread_tagger()
-            return tagger.tag_documents(texts, adapters=adapters, label_sets=label_sets, decodes=decodes)
+            rows = None if self.merged else adapters  # a merged model is that one adapter already
+            return tagger.tag_documents(texts, adapters=rows, label_sets=label_sets, decodes=decodes)
