@@ -246,3 +246,17 @@ def test_ray_driver_kill_9_then_rerun_completes_every_shard_once(run, ray_cluste
     assert _tree(out) == _tree(clean)
     names = _manifest_lines(out)
     assert sorted(names) == sorted(set(names)) and len(names) == 16
+
+
+def test_int8_shards_equal_one_int8_predict_per_shard(run, corpus, tmp_path):
+    """--quantize int8 travels with the TaggerSpec: each shard is tagged by the int8 model as predict tags it."""
+    out = tmp_path / "out"
+    summary = predict_shards(TaggerSpec(run, quantize="int8"), corpus, out, progress=False)
+    assert summary["tagged"] == 4
+    for shard in find_shards(corpus)[:2]:
+        single = tmp_path / ("single" + Path(shard.name).suffix)
+        assert (
+            main(["predict", str(run), "--quantize", "int8", "--input", str(shard.source), "--output", str(single)])
+            == 0
+        )
+        assert (out / shard.name).read_bytes() == single.read_bytes(), shard.name

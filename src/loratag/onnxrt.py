@@ -51,6 +51,7 @@ class Int8Scheme:
     # split of three BioNLP2004 models (docs/int8.md) at the same speed, so one scheme serves every CPU.
     reduce_range: bool = True
     ops: tuple[str, ...] = ("MatMul", "Attention")
+    keep_float: tuple[str, ...] = ()  # nodes whose names contain one of these stay fp32
 
     def describe(self) -> dict:
         return {
@@ -185,6 +186,15 @@ def export_fp32(model, path: Path, pad_id: int = 0, atol: float = 1e-3) -> dict:
     return {"fused": fused, "max_abs_logit_difference": err}
 
 
+def _kept(path: Path, scheme: Int8Scheme) -> list[str]:
+    import onnx
+
+    if not scheme.keep_float:
+        return []
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return [n.name for n in nodes if any(k in n.name for k in scheme.keep_float)]
+
+
 @contextmanager
 def _quiet_root_logger():
     """ORT's quantizer advises its pre-processing step on the root logger at every call; we run its shape
@@ -207,7 +217,7 @@ def quantize_int8(src: Path, dst: Path, scheme: Int8Scheme | None = None) -> Int
         warnings.simplefilter("ignore")
         quantize_dynamic(
             str(src), str(dst), op_types_to_quantize=list(scheme.ops), per_channel=scheme.per_channel,
-            reduce_range=scheme.reduce_range, weight_type=QuantType.QInt8,
+            reduce_range=scheme.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=_kept(src, scheme),
             # ORT's fused ops have no shape inference in onnx; their outputs are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )  # fmt: skip
