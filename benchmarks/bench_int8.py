@@ -7,9 +7,10 @@ and F1 change against fp32, and the CPU flags.
     python benchmarks/bench_int8.py RUN [--data ../shared/data/bionlp2004] [--arms fp32,bf16,int8,int8_torch_ao]
 
 Arms: fp32 and bf16 (torch; bf16 only where the CPU runs it natively), int8 (ONNX Runtime, what --quantize int8
-runs), int8_torch_ao (torch.ao's quantize_dynamic, per-tensor, every Linear: what --quantize int8 ran before, for
-reference). Each arm runs alone in a fresh process; loading is timed apart, tagging is timed after a warm-up on the
-first 200 sentences, best of two passes.
+runs), int8_keep_ffn2_0 (the same with layer 0's feed-forward output matmul left fp32), int8_torch_ao (torch.ao's
+quantize_dynamic, per-tensor, every Linear: what --quantize int8 ran before, for reference). Each arm runs alone in
+a fresh process; loading is timed apart, tagging is timed after a warm-up on the first 200 sentences, best of two
+passes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +106,16 @@ def arm(a, how: str) -> dict:
     elif how == "int8":
         tagger = Tagger.load(a.run, quantize="int8")
         config = tagger.model.config
+    elif how == "int8_keep_ffn2_0":  # the default scheme but for layer 0's FFN output matmul: fp32
+        from loratag import onnxrt
+
+        scheme = onnxrt.Int8Scheme(keep_float=("layer.0/output/dense/MatMul",))
+        tagger = Tagger.load(a.run, precision="fp32")
+        config = tagger.model.config
+        with tempfile.TemporaryDirectory() as tmp:
+            onnxrt.export_fp32(tagger.model, Path(tmp) / "f.onnx", tagger.tokenizer.pad_token_id or 0)
+            onnxrt.quantize_int8(Path(tmp) / "f.onnx", Path(tmp) / "q.onnx", scheme)
+            tagger.model = onnxrt.OrtTokenClassifier(Path(tmp) / "q.onnx", config, describe=scheme.describe())
     else:
         tagger = Tagger.load(a.run, precision=how)
         config = tagger.model.config
@@ -137,7 +149,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a loratag run directory")
     p.add_argument("--data", default=os.environ.get("LORATAG_BIONLP_DIR", "../shared/data/bionlp2004"))
-    p.add_argument("--arms", default="fp32,bf16,int8,int8_torch_ao")
+    p.add_argument("--arms", default="fp32,bf16,int8,int8_torch_ao", help="also: int8_keep_ffn2_0")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.arm:

@@ -8,8 +8,8 @@ and sentences per second (tagging only, this process alone). Arms already in --o
 Arms: torch_ao_tensor / torch_ao_channel (torch.ao quantize_dynamic on every Linear, per tensor / per output
 channel: what --quantize int8 ran before); ort_tensor, ort_channel, ort_channel_rr (ONNX Runtime on the fused graph,
 per tensor, per channel, per channel with 7-bit weights: the default); ort_channel_rr_matmul_only (attention's QKV
-left fp32); keep_classifier, keep_ffn2_all, keep_ffn2_L, keep_layer_L (those matmuls left fp32, on top of the
-default).
+left fp32); keep_classifier, keep_ffn2_all, keep_ffn2_L, keep_layer_L (those matmuls left fp32, on top of
+ort_channel_rr; keep_ffn2_0 won and is the default now).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def arms(layers: int) -> dict:
     out = {
         "torch_ao_tensor": "torch_ao_tensor",
         "torch_ao_channel": "torch_ao_channel",
-        "ort_tensor": Int8Scheme(per_channel=False, reduce_range=False),
-        "ort_channel": Int8Scheme(reduce_range=False),
-        "ort_channel_rr": Int8Scheme(),
-        "ort_channel_rr_matmul_only": Int8Scheme(ops=("MatMul",)),
+        "ort_tensor": Int8Scheme(per_channel=False, reduce_range=False, keep_float=()),
+        "ort_channel": Int8Scheme(reduce_range=False, keep_float=()),
+        "ort_channel_rr": Int8Scheme(keep_float=()),
+        "ort_channel_rr_matmul_only": Int8Scheme(ops=("MatMul",), keep_float=()),
         "keep_classifier": Int8Scheme(keep_float=("classifier",)),
         "keep_ffn2_all": Int8Scheme(keep_float=("/output/dense/MatMul",)),
     }

@@ -80,6 +80,8 @@ def test_onnx_fp32_export_answers_as_loratag_predict(which, request, tmp_path, c
     record = json.loads((out / "onnx.json").read_text())
     assert record["fused"].get("Attention") == 2  # the tiny models' two layers
     assert record["max_abs_logit_difference_vs_torch"] < 1e-4
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    assert tokenizer["truncation"] is None and tokenizer["padding"] is None  # no word silently dropped
     config = json.loads((out / "config.json").read_text())
     tagger = Tagger.load(run, precision="fp32", decode="argmax")
     assert [config["id2label"][str(i)] for i in range(len(tagger.labels))] == list(tagger.labels.labels)
@@ -100,6 +102,14 @@ def test_int8_export_agrees_with_predict_quantize(bert_run, tmp_path):
     record = json.loads((out / "onnx.json").read_text())
     assert record["files"] == {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
     assert record["int8"]["weights"] == "int8, one scale per output channel"
+    import onnx
+
+    ops = {n.name: n.op_type for n in onnx.load(str(out / "model_quantized.onnx")).graph.node}
+    assert all(op != "MatMul" for op in ops.values())  # every matmul int8 (MatMulInteger), attention too
+    assert {ops["/model/bert/encoder/layer.1/output/dense/MatMul_quant"], ops["Attention_0_quant"]} == {
+        "MatMulInteger",
+        "QAttention",
+    }
     config = json.loads((out / "config.json").read_text())
     q = Tagger.load(bert_run, quantize="int8", decode="argmax")
     words = _words()
@@ -163,6 +173,19 @@ def test_serve_int8_holds_one_adapter_and_answers_as_predict(bert_run, roberta_r
     assert [d.labels for d in served] == [d.labels for d in expected]
 
 
+def test_keep_float_leaves_the_named_matmuls_in_fp32(bert_run, tmp_path):
+    """The study's arms (benchmarks/study_int8.py) leave chosen matmuls in fp32; only those."""
+    import onnx
+
+    from loratag.onnxrt import Int8Scheme, export_fp32, quantize_int8
+
+    tagger = Tagger.load(bert_run, precision="fp32")
+    export_fp32(tagger.model, tmp_path / "m.onnx")
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", Int8Scheme(keep_float=("layer.0/output/dense/MatMul",)))
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert [name for name, op in ops.items() if op == "MatMul"] == ["/model/bert/encoder/layer.0/output/dense/MatMul"]
+
+
 def test_cpu_vnni_is_read_from_the_flags(monkeypatch):
     from loratag import onnxrt
 
@@ -172,3 +195,21 @@ def test_cpu_vnni_is_read_from_the_flags(monkeypatch):
     assert onnxrt.cpu_vnni()
     monkeypatch.setattr(onnxrt, "cpu_features", lambda: (frozenset({"avx2", "avx_vnni"}), "AVX2"))
     assert onnxrt.cpu_vnni()
+
+
+def test_exported_tokenizer_neither_pads_nor_truncates(bert_run, tmp_path):
+    """A base whose tokenizer.json truncates (all-MiniLM-L6-v2's cuts at 128 sub-tokens) would drop the words of a long
+    sentence for a user of the tokenizers library; the export turns both off, and onnx.json says windows are needed."""
+    from tokenizers import Tokenizer
+
+    from loratag.onnxrt import export_dir
+
+    tagger = Tagger.load(bert_run, precision="fp32")
+    tagger.tokenizer.backend_tokenizer.enable_truncation(8)
+    tagger.tokenizer.backend_tokenizer.enable_padding(length=16)
+    record = export_dir(tagger, tmp_path / "onnx")
+    assert "windows" in record["tokenizer"]
+    words = "IL-2 gene expression requires NF-kappa B in T cells and monocytes".split()
+    enc = Tokenizer.from_file(str(tmp_path / "onnx" / "tokenizer.json")).encode(words, is_pretokenized=True)
+    assert {w for w in enc.word_ids if w is not None} == set(range(len(words)))
+    assert 0 not in enc.attention_mask
