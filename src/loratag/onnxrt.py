@@ -1,8 +1,8 @@
 """int8 inference and ONNX export through ONNX Runtime: a merged token classifier exported to ONNX, its attention,
 LayerNorm and GELU fused by ORT's transformer optimizer, its matmuls dynamically quantized to int8 with one scale
-per output channel. Chosen by measurement over torch.ao's quantize_dynamic (per-tensor: -1.4 validation F1;
-per-channel: -0.4 and no faster on a VNNI CPU); the figures and the arms are in docs/int8.md and
-benchmarks/bench_int8.py.
+per output channel. Chosen by measurement over torch.ao's quantize_dynamic (per tensor: -1.0 to -1.4 validation F1
+points on three runs; per channel: +0.0 to -0.6, and slower than ORT); the figures and the arms are in docs/int8.md,
+benchmarks/study_int8.py and benchmarks/bench_int8.py.
 
 ORT needs no hand-written kernels from us; what is written here is the glue no library does for transformers 5
 models: an export with the additive attention mask that ORT's attention fusion recognises (transformers 5 builds

@@ -119,9 +119,7 @@ class Tagger:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         if self.quantized:
-            raise ValueError(
-                "an int8 model cannot be saved for transformers; use loratag export --onnx --quantize int8"
-            )
+            raise ValueError("an int8 model cannot be saved for transformers; use export --onnx --quantize int8")
         model.config.id2label, model.config.label2id = self.labels.id2label, self.labels.label2id
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
