@@ -174,10 +174,11 @@ def export_fp32(model, path: Path, pad_id: int = 0, atol: float = 1e-3) -> dict:
     if fusable:
         options = FusionOptions("bert")
         options.enable_skip_layer_norm = False  # see SLOW_FUSIONS
-        optimized = optimize_model(
-            str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size,
-            optimization_options=options,
-        )  # fmt: skip
+        with _quiet_root_logger():  # the optimizer's advice on tiny test vocabularies, on the root logger
+            optimized = optimize_model(
+                str(raw), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size,
+                optimization_options=options,
+            )  # fmt: skip
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(str(path))
         raw.unlink()
@@ -202,8 +203,8 @@ def _kept(path: Path, scheme: Int8Scheme) -> list[str]:
 
 @contextmanager
 def _quiet_root_logger():
-    """ORT's quantizer advises its pre-processing step on the root logger at every call; we run its shape
-    inference ourselves where it matters (DefaultTensorType below), so the advice is noise to a user."""
+    """ORT's quantizer advises its pre-processing step on the root logger at every call (we give it the types it
+    would infer: DefaultTensorType below), and its optimizer logs its fusion notes there: noise to a user."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
