@@ -187,6 +187,15 @@ def test_ray_output_is_byte_identical_to_local(run, corpus, ray_cluster, tmp_pat
     assert sorted(_manifest_lines(remote)) == sorted(_manifest_lines(local))
 
 
+def test_ray_int8_equals_local_int8(run, corpus, ray_cluster, tmp_path):
+    """Each Ray actor builds the int8 model from the TaggerSpec as the local engine does: the same bytes."""
+    spec = TaggerSpec(run, quantize="int8")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    predict_shards(spec, corpus, local, progress=False)
+    assert predict_shards(spec, corpus, remote, engine=ray_engine(actors=1), progress=False)["tagged"] == 4
+    assert _tree(remote) == _tree(local)
+
+
 def test_ray_a_killed_actor_is_replaced_and_every_shard_is_written_once(run, ray_cluster, tmp_path):
     if not Path("/proc/self/cmdline").is_file():
         pytest.skip("finds the actor's process through /proc")
