@@ -99,7 +99,12 @@ def test_metrics_and_card(tiny_cfg, tmp_path):
     assert cfg_saved["run"]["trainable_params"] > 0
     card = (run / "README.md").read_text()
     assert "library_name: peft" in card and f"{m['test']['f1']:.4f}" in card
-    assert "epoch 2/2" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "epoch 2/2" in log
+    # typed and boundary-only (untyped) F1 side by side, each epoch and on test
+    last = m["epochs"][-1]["validation"]
+    assert f"F1 {last['f1']:.4f} untyped {last['untyped']['f1']:.4f}" in log
+    assert f"F1 {m['test']['f1']:.4f} untyped {m['test']['untyped']['f1']:.4f}" in log
 
 
 def test_existing_run_is_not_overwritten(tiny_cfg, tmp_path):

@@ -222,9 +222,10 @@ def _evaluate_epoch(s: Session, clock: Clock, state: TrainState, mine: Tally) ->
         rundir.save_adapter(s.model, s.out / rundir.LAST)
     state.history.append(entry)
     log.info(
-        "epoch %d/%d  loss %.4f  val P %.4f R %.4f F1 %.4f (%s)  %.0f s  %.0f tok/s%s",
+        "epoch %d/%d  loss %.4f  val P %.4f R %.4f F1 %.4f untyped %.4f (%s)  %.0f s  %.0f tok/s%s",
         state.epoch + 1, len(state.steps), entry["train_loss"], val["precision"], val["recall"], val["f1"],
-        val["decode"], seconds, entry["train_tokens_per_second"] or 0, "  (best)" if improved else "",
+        val["untyped"]["f1"], val["decode"], seconds, entry["train_tokens_per_second"] or 0,
+        "  (best)" if improved else "",
     )  # fmt: skip
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
@@ -265,8 +266,8 @@ def _finish(s: Session, clock: Clock, state: TrainState) -> tuple[Path, Tagger]:
         metrics["test_seconds"] = round(time.monotonic() - started, 1)
         test = metrics["test"]
         log.info(
-            "test (best epoch %d): P %.4f R %.4f F1 %.4f (%s)",
-            state.best_epoch, test["precision"], test["recall"], test["f1"], test["decode"],
+            "test (best epoch %d): P %.4f R %.4f F1 %.4f untyped %.4f (%s)",
+            state.best_epoch, test["precision"], test["recall"], test["f1"], test["untyped"]["f1"], test["decode"],
         )  # fmt: skip
     metrics["wall_seconds"] = round(clock.elapsed(), 1)
     if dist.main:
