@@ -99,6 +99,7 @@ def test_metrics_and_card(tiny_cfg, tmp_path):
     assert cfg_saved["run"]["trainable_params"] > 0
     card = (run / "README.md").read_text()
     assert "library_name: peft" in card and f"{m['test']['f1']:.4f}" in card
+    assert f"| untyped (boundaries only) | {m['test']['untyped']['precision']:.4f}" in card
     log = (run / "train.log").read_text()
     assert "epoch 2/2" in log
     # typed and boundary-only (untyped) F1 side by side, each epoch and on test

@@ -22,6 +22,10 @@ def _row(name: str, m: dict) -> str:
     return f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f}{support} |"
 
 
+def _untyped(m: dict) -> str:
+    return f"{m['untyped']['f1']:.4f}" if "untyped" in m else ""  # runs from before untyped scores: blank
+
+
 def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dict) -> None:
     test = metrics.get("test")
     base = hub_id(cfg.model)
@@ -54,6 +58,7 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
             "| entity | precision | recall | F1 | support |",
             "| --- | --- | --- | --- | --- |",
             _row("**overall**", test),
+            *([_row("untyped (boundaries only)", test["untyped"])] if "untyped" in test else []),
             *[_row(k, v) for k, v in sorted(test["per_type"].items())],
             "",
             f"Accuracy (per word): {test['accuracy']:.4f}",
@@ -65,11 +70,11 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         "",
         f"![validation F1 against minutes since the run began]({CURVES})",
         "",
-        "| epoch | steps | minutes (wall, evaluations included) | train loss | validation F1 |",
-        "| --- | --- | --- | --- | --- |",
+        "| epoch | steps | minutes (wall, evaluations included) | train loss | validation F1 | untyped F1 |",
+        "| --- | --- | --- | --- | --- | --- |",
         *[
             f"| {e['epoch']} | {e.get('steps', '')} | {e.get('wall_seconds', e['train_seconds']) / 60:.1f} | "
-            f"{e['train_loss']:.4f} | {e['validation']['f1']:.4f} |"
+            f"{e['train_loss']:.4f} | {e['validation']['f1']:.4f} | {_untyped(e['validation'])} |"
             for e in metrics["epochs"]
         ],
         "",
