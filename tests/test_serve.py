@@ -181,17 +181,30 @@ def test_a_failing_batch_does_not_stop_the_server(pool, monkeypatch):
         assert c.post("/v1/tag", json={"adapter": "genes", "text": TEXTS[0]}).status_code == 200
 
 
+def test_adapters_with_different_label_sets_share_one_server(runs, tiny_bert, tmp_path):
+    """A 7-label adapter and a 3-label one (one entity type) on one base: each row of a mixed batch goes through its
+    own head and decodes with its own labels, answering as loratag predict does for its adapter."""
+    data = tmp_path / "dna-only"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.conll").write_text("IL-2\tB-DNA\ngene\tI-DNA\nbinds\tO\nDNA\tO\n")
+    fewer = train(_cfg(tiny_bert, data=data, lr=0.05, epochs=30), tmp_path / "fewer", progress=False)
+    pool = AdapterPool([(runs[1], "cells"), (fewer, "dna")])
+    assert pool.stacked and [len(a.labels) for a in pool.adapters.values()] == [7, 3]
+    texts = TEXTS[:3] * 2
+    names = ["cells", "dna"] * 3
+    served = [d.to_dict() for d in pool.tag(names, texts)]
+    for name, run in (("cells", runs[1]), ("dna", fewer)):
+        mine = [d for d, n in zip(served, names) if n == name]
+        same(mine, alone(run, [t for t, n in zip(texts, names) if n == name]))
+    assert any(e["label"] == "DNA" for d, n in zip(served, names) if n == "dna" for e in d["entities"])
+    assert all(e["label"] == "DNA" for d, n in zip(served, names) if n == "dna" for e in d["entities"])
+
+
 def test_refuses_adapters_that_cannot_share_the_base(runs, tiny_bert, tiny_roberta, tmp_path):
     other = train(_cfg(tiny_roberta), tmp_path / "other-base", progress=False, stop_after_steps=1)
     with pytest.raises(ValueError, match=r"other-base: base model .* differs"):
         AdapterPool([(runs[0], "a"), (other, "b")])
-    data = tmp_path / "dna-only"
-    data.mkdir()
-    for split in ("train", "validation"):
-        (data / f"{split}.conll").write_text("IL-2\tB-DNA\ngene\tI-DNA\nbinds\tO\n")
-    fewer = train(_cfg(tiny_bert, data=data), tmp_path / "fewer", progress=False, stop_after_steps=1)
-    with pytest.raises(ValueError, match=r"fewer: 3 labels but .* has 7"):
-        AdapterPool([(runs[0], "a"), (fewer, "b")])
     with pytest.raises(ValueError, match="used twice"):
         AdapterPool([(runs[0], "a"), (runs[1], "a")])
     with pytest.raises(FileNotFoundError, match="expected a loratag run or a PEFT adapter"):
@@ -359,3 +372,40 @@ def test_serves_a_top_layers_run_with_trained_biases_and_its_own_decoding(runs, 
         same([d.to_dict() for d in pool.tag([name] * len(TEXTS), TEXTS)], alone(run, TEXTS))
     mixed = pool.tag(["top", "genes"] * 2, TEXTS[:4])
     same([d.to_dict() for d in mixed[::2]], alone(top, TEXTS[:4:2]))
+
+
+def test_peft_path_adapters_get_their_own_heads(tiny_bert, tmp_path):
+    """Adapters the stacked path cannot take (LoRA on the embeddings) are served by PEFT's own mixed-batch path:
+    each still answers with its own classifier head (kept apart from PEFT at load and copied into PEFT's
+    per-adapter head), as predict does for it; heads of different sizes there are refused with the reason."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForTokenClassification
+
+    def plain_adapter(name: str, names: list[str], seed: int) -> Path:
+        torch.manual_seed(seed)
+        id2label = dict(enumerate(names))
+        base = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=len(names), id2label=id2label)
+        targets = ["query", "value", "word_embeddings"]
+        model = get_peft_model(
+            base, LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, target_modules=targets)
+        )
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname or "lora_embedding_B" in pname or "modules_to_save" in pname:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(tmp_path / name)
+        base.config.save_pretrained(tmp_path / name)  # the adapter's own labels (id2label) beside it
+        return tmp_path / name
+
+    five = ["O", "B-DNA", "I-DNA", "B-protein", "I-protein"]
+    paths = [plain_adapter("d1", five, 0), plain_adapter("d2", five, 1)]
+    pool = AdapterPool([(p, p.name) for p in paths])
+    assert not pool.stacked
+    served = [d.to_dict() for d in pool.tag(["d1", "d2", "d1"], TEXTS[:3])]
+    for i, path in ((0, paths[0]), (1, paths[1]), (2, paths[0])):
+        same([served[i]], [d.to_dict() for d in Tagger.load(path).tag_documents([TEXTS[i]])])
+    assert any(d["entities"] for d in served)  # random heads tag something: the comparison compares entities
+    three = plain_adapter("d3", ["O", "B-DNA", "I-DNA"], 2)
+    with pytest.raises(ValueError, match=r"different label counts \(3, 5\)"):
+        AdapterPool([(paths[0], "d1"), (three, "d3")])

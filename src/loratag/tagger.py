@@ -86,8 +86,7 @@ class Tagger:
         """From a loratag run directory or a plain PEFT adapter directory (``rundir.resolve_adapter`` says which
         labels, base and decoding: ``labels`` and ``base`` as ``--labels`` and ``--base``). ``merge``: fold the LoRA
         weights (and the adapter's classifier head) into the base model, so inference runs a plain transformers
-        model. ``quantize="int8"``: the merged model exported to ONNX and run by ONNX Runtime with int8 matmuls
-        (CPU; onnxrt.py says how and why)."""
+        model. ``quantize="int8"``: the merged model run by ONNX Runtime with int8 matmuls (CPU; see onnxrt.py)."""
         ref = resolve_adapter(Path(path), labels, base)
         kw.setdefault("max_length", ref.max_length)
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
@@ -133,7 +132,8 @@ class Tagger:
         one adapter name per sentence, for a model holding several (passed as ``adapter_names``: to PEFT, or to
         serve.multilora.MultiLoraModel)."""
         windows, windowed = encode(self.tokenizer, sentences, self.max_length)
-        out = [torch.zeros(len(s), len(self.labels)) for s in sentences]
+        # sized by the model's output (a server's stacked heads are padded to the widest adapter's)
+        out: list = [None if len(s) else torch.zeros(0, len(self.labels)) for s in sentences]
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id or 0
@@ -154,6 +154,8 @@ class Tagger:
                             positions.append(pos)
                             words.append(wid)
                         prev = wid
+                    if out[w.sentence] is None:
+                        out[w.sentence] = torch.zeros(len(sentences[w.sentence]), logits.shape[-1])
                     out[w.sentence][words] = logits[row, positions]
                 bar.update(sum(1 for w in group if w.last == len(sentences[w.sentence])))
         finally:
@@ -179,14 +181,13 @@ class Tagger:
         label_sets: Sequence[LabelSet] | None = None,
         decode: str | Sequence[str] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
-        """Labels and their probabilities from word logits. ``decode``: one decoding for all sentences, or one per
-        sentence; default: the Tagger's. "argmax": each word's most probable label, an I-X that opens an entity
-        read as B-X, as conlleval does; "constrained": the most probable valid IOB2 sequence (Viterbi, no I-X after
-        O or another type)."""
+        """Labels and their probabilities from word logits; ``decode`` (one, or one per sentence; the Tagger's by
+        default): "argmax" (each word's best label, a stray I-X read as B-X as conlleval does) or "constrained"
+        (the most probable valid IOB2 sequence: Viterbi, no I-X after O or after another type)."""
         decode = decode or self.decode
         per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
         names = [(label_sets[i] if label_sets is not None else self.labels).labels for i in range(len(word_logits))]
-        logps = [logits.log_softmax(-1) for logits in word_logits]
+        logps = [logits[:, : len(names[i])].log_softmax(-1) for i, logits in enumerate(word_logits)]  # own labels
         ids: list = [logp.argmax(-1) for logp in logps]
         by_labels: dict[tuple[str, ...], list[int]] = {}
         for i, how in enumerate(per_sentence):

@@ -88,7 +88,8 @@ class RowBiasLayerNorm(nn.Module):
 
 
 class MultiHead(nn.Module):
-    """One Linear classifier head per adapter."""
+    """One Linear classifier head per adapter, of any size: heads with fewer labels are zero-padded to the largest,
+    and each row's caller reads only its own adapter's labels (Tagger.decode_logits takes the first len(labels))."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: _Rows):
         super().__init__()
@@ -146,13 +147,26 @@ def _stack_lora(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def _stack_head(wrapper, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    heads = [wrapper.modules_to_save[n] if n in wrapper.modules_to_save else wrapper.original_module for n in names]
-    if not all(isinstance(h, nn.Linear) for h in heads):
+def _stack_head(wrapper, heads: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(adapters, labels, hidden)`` and ``(adapters, labels)``: each adapter's head, zero-padded to the widest."""
+    if not isinstance(wrapper.original_module, nn.Linear):
         raise Unstackable("a classifier head that is not one Linear layer")
-    weight = torch.stack([h.weight for h in heads])
-    bias = torch.stack([h.bias if h.bias is not None else h.weight.new_zeros(h.out_features) for h in heads])
+    size = max(w.shape[0] for w, _ in heads)
+    like = wrapper.original_module.weight
+    weight = like.new_zeros(len(heads), size, like.shape[1])
+    bias = like.new_zeros(len(heads), size)
+    for i, (w, b) in enumerate(heads):
+        if w.shape[1] != like.shape[1]:
+            raise Unstackable(f"a classifier head for hidden size {w.shape[1]}, the base's is {like.shape[1]}")
+        weight[i, : w.shape[0]], bias[i, : b.shape[0]] = w, b
     return weight, bias
+
+
+def _peft_head(wrapper, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    h = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+    if not isinstance(h, nn.Linear):
+        raise Unstackable("a classifier head that is not one Linear layer")
+    return h.weight, h.bias if h.bias is not None else h.weight.new_zeros(h.out_features)
 
 
 def _stack_bias(module: nn.Module, name: str, biases: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -168,10 +182,16 @@ def _stack_bias(module: nn.Module, name: str, biases: list[dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def build(peft_model, names: list[str], biases: list[dict[str, torch.Tensor]] | None = None) -> MultiLoraModel:
+def build(
+    peft_model,
+    names: list[str],
+    biases: list[dict[str, torch.Tensor]] | None = None,
+    heads: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> MultiLoraModel:
     """The PEFT model's LoRA layers and heads replaced in place by stacked ones over ``names`` (in that order).
     ``biases``: per adapter (same order), trained biases by module name (bias "all" / "lora_only" adapters),
-    applied per row. Raises Unstackable, the PEFT model untouched, when something is beyond this module."""
+    applied per row. ``heads``: per adapter, its classifier's (weight, bias), of any label count [default: PEFT's
+    own copies]. Raises Unstackable, the PEFT model untouched, when something is beyond this module."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -189,7 +209,8 @@ def build(peft_model, names: list[str], biases: list[dict[str, torch.Tensor]] | 
             swaps.append((name, MultiLoraLinear(base, a, b, rows, bias)))
             done.add(name)
         elif isinstance(module, ModulesToSaveWrapper):
-            swaps.append((name, MultiHead(*_stack_head(module, names), rows)))
+            own = heads or [_peft_head(module, n) for n in names]
+            swaps.append((name, MultiHead(*_stack_head(module, own), rows)))
         elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):  # other PEFT kinds
             raise Unstackable(f"{name} is a {type(module).__name__}, not plain LoRA")
         elif name in biased:

@@ -69,42 +69,55 @@ def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) 
     return adapter, resolve_model(ref.base)
 
 
-def split_biases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An adapter file's tensors -> (what PEFT loads: LoRA matrices and the head; the trained biases of the
-    base's modules, by module name). PEFT saves bias "all" / "lora_only" biases under the base model's own names
-    (``base_model.model.bert...query.base_layer.bias``); loaded by PEFT they would overwrite the shared base."""
-    peft, biases = {}, {}
+def split_biases(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An adapter file's tensors -> (what PEFT loads: the LoRA matrices; the trained biases of the base's modules,
+    by module name; the classifier head's own weight and bias). PEFT saves bias "all" / "lora_only" biases under the
+    base model's own names (``base_model.model.bert...query.base_layer.bias``); loaded by PEFT they would overwrite
+    the shared base. The head is kept apart too: adapters of one server may have heads of different sizes (their own
+    label sets), which PEFT's copies of one base head cannot hold."""
+    peft, biases, head = {}, {}, {}
     for key, value in state.items():
         name = key.removeprefix("base_model.model.")
         in_head = name.split(".")[0] in HEAD
         if in_head and (".modules_to_save." in name or ".original_module." in name):
             continue  # copies that bias "all" saves beside the head's own bias; PEFT ignores them on load too
-        if key.endswith(".bias") and "lora_" not in key and not in_head:
+        if in_head and "lora_" not in key:
+            head[name] = value
+        elif key.endswith(".bias") and "lora_" not in key:
             biases[name.removesuffix(".bias").replace(".base_layer", "")] = value
         else:
             peft[key] = value
-    return peft, biases
+    return peft, biases, head
 
 
 def load_shared(adapters: list[Adapter], base_path: str):
-    """One PEFT model holding every adapter's LoRA matrices and head (loaded as bias "none"), and each adapter's
-    trained biases apart (in the adapters' order)."""
+    """One PEFT model holding every adapter's LoRA matrices (loaded as bias "none"), and, in the adapters' order,
+    each adapter's trained biases and its classifier head (weight, bias), kept apart."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     base = load_base(base_path, adapters[0].labels)
     modules = {n for n, _ in base.named_modules()}  # PEFT wraps modules under their own names
-    model, biases = None, []
+    model, biases, heads = None, [], []
     for a in adapters:
         cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
         cfg.bias, cfg.inference_mode = "none", True  # its biases are applied per row, not written into the base
-        peft_state, own = split_biases(load_file(a.adapter_dir / ADAPTER_WEIGHTS))
+        peft_state, own, head = split_biases(load_file(a.adapter_dir / ADAPTER_WEIGHTS))
+        weight = next((v for k, v in head.items() if k.endswith(".weight")), None)
+        bias = next((v for k, v in head.items() if k.endswith(".bias")), None)
+        if weight is None or bias is None or weight.shape[0] != len(a.labels):
+            raise ValueError(f"{a.run}: the adapter file lacks a classifier head for its {len(a.labels)} labels")
+        for key in head:  # PEFT expects its head copy filled: the base's own head, same for all; ours stays apart
+            own_head = base.get_parameter(key) if model is None else _base_head(model, key)
+            peft_state["base_model.model." + key] = own_head
         if model is None:
             model = get_peft_model(base, cfg, adapter_name=a.name)
         else:
             model.add_adapter(a.name, cfg)
         result = set_peft_model_state_dict(model, peft_state, adapter_name=a.name)
-        mine = (f"lora_A.{a.name}.", f"lora_B.{a.name}.", f"modules_to_save.{a.name}.")
+        mine = (f"lora_A.{a.name}.", f"lora_B.{a.name}.")
         missing = [k for k in result.missing_keys if any(m in k for m in mine)]
         if missing:
             raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
@@ -112,7 +125,26 @@ def load_shared(adapters: list[Adapter], base_path: str):
         if unknown:
             raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
         biases.append(own)
-    return model.eval(), biases
+        heads.append((weight, bias))
+    return model.eval(), biases, heads
+
+
+def _base_head(model, key: str) -> torch.Tensor:
+    """The base model's own head parameter ``key`` (``classifier.weight``) inside a PEFT model, where PEFT keeps it
+    as the wrapper's original_module."""
+    module, _, leaf = key.rpartition(".")
+    return getattr(model.base_model.model.get_submodule(module).original_module, leaf)
+
+
+@torch.no_grad()
+def _load_heads(model, names: list[str], heads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for name, (weight, bias) in zip(names, heads):
+                module.modules_to_save[name].weight.copy_(weight)
+                module.modules_to_save[name].bias.copy_(bias)
 
 
 class AdapterPool:
@@ -148,11 +180,6 @@ class AdapterPool:
                 base_name = needed
             elif needed != base_name:
                 raise ValueError(f"{path}: base model {needed!r} differs from {first.run}'s; one server, one base")
-            elif len(adapter.labels) != len(first.labels):
-                raise ValueError(
-                    f"{path}: {len(adapter.labels)} labels but {first.run} has {len(first.labels)}; adapters in one "
-                    "server need the same number of labels"
-                )
             self.adapters[name] = adapter
         names = list(self.adapters)
         self.merged = quantize is not None
@@ -165,17 +192,25 @@ class AdapterPool:
             self.stacked, self._local, self._serial = True, threading.local(), contextlib.nullcontext()
             log.info("serving %s on %s in int8 (merged, ONNX Runtime)", only.name, base_name)
             return
-        model, biases = load_shared(list(self.adapters.values()), base_name)
+        model, biases, heads = load_shared(list(self.adapters.values()), base_name)
         model = model.to(device_of(device))
         biases = [{k: v.to(device_of(device)) for k, v in b.items()} for b in biases]
+        heads = [(w.to(device_of(device)), b.to(device_of(device))) for w, b in heads]
         # Stacked adapters (multilora.py): a mixed batch costs what a one-adapter batch costs, and each row gets
         # its own biases. PEFT's own per-adapter loop stays for what that does not cover (DoRA, LoRA on
         # embeddings, ...), but it has no per-adapter biases: adapters with trained biases need the stacked path.
         try:
-            model = multilora.build(model, names, biases)
+            model = multilora.build(model, names, biases, heads)
             self.stacked = True
         except multilora.Unstackable as e:
             trained = [a for a, b in zip(self.adapters.values(), biases) if b]
+            sizes = {len(a.labels) for a in self.adapters.values()}
+            if len(sizes) > 1:
+                raise ValueError(
+                    f"adapters with different label counts ({', '.join(map(str, sorted(sizes)))}) are served only on "
+                    f"the stacked path, which cannot take these: {e}"
+                ) from None
+            _load_heads(model, names, heads)  # PEFT's own path: its per-adapter copies of the (same-size) head
             if trained:
                 raise ValueError(
                     f"{trained[0].run}: trained with bias={trained[0].bias!r}, served only with per-row biases, "
