@@ -82,8 +82,9 @@ def test_trained_biases_are_applied_per_row_and_the_base_is_untouched(mixed, mix
     from transformers import AutoModelForTokenClassification
 
     guide = next(p for p, n in mixed if n == "guide")
-    _, biases = split_biases(load_file(guide / "adapter_model.safetensors"))
+    _, biases, head = split_biases(load_file(guide / "adapter_model.safetensors"))
     assert any("LayerNorm" in m for m in biases) and any("attention.self.key" in m for m in biases)
+    assert sorted(head) == ["classifier.bias", "classifier.weight"] and head["classifier.weight"].shape[0] == 7
     fresh = dict(AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=7).named_parameters())
     shared = dict(mixed_pool.tagger.model.model.named_parameters())
     for name, p in shared.items():  # the shared base's own biases are the base model's, whatever the adapters
