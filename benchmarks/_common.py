@@ -76,3 +76,19 @@ def cpu_facts() -> dict:
         "torch_capability": capability,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def torch_ao_int8(model, per_channel: bool):
+    """torch.ao's quantize_dynamic on every Linear (per tensor, or per output channel): what --quantize int8 ran
+    before ONNX Runtime, kept as the reference arm of bench_int8.py and study_int8.py. Deprecated in torch; its
+    warning is silenced."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec = {n: qconfig for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, spec, dtype=torch.qint8)

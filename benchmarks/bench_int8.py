@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cpu_facts, emit, run_arm  # noqa: E402
+from _common import cpu_facts, emit, run_arm, torch_ao_int8  # noqa: E402
 
 SHAPE = (640, 384, 1536)  # tokens x hidden x FFN: MiniLM's feed-forward matmul at a batch's size
 
@@ -53,7 +52,7 @@ def peak(dtype: str) -> float:
     import onnx
     from onnx import TensorProto, helper
 
-    from loratag.onnxrt import _session, default_scheme, quantize_int8
+    from loratag.onnxrt import Int8Scheme, _session, quantize_int8
 
     w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
@@ -68,7 +67,7 @@ def peak(dtype: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, src)
-        quantize_int8(src, dst, default_scheme())
+        quantize_int8(src, dst, Int8Scheme())
         session = _session(dst)
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     return round(flops / _timed(lambda: session.run(["logits"], {"x": x}), 20) / 1e9, 1)
@@ -83,7 +82,6 @@ def flop_per_token(config, tokens_per_sentence: float) -> float:
 
 
 def arm(a, how: str) -> dict:
-    import torch
 
     from loratag.config import CorpusSettings
     from loratag.corpus import load
@@ -93,32 +91,18 @@ def arm(a, how: str) -> dict:
     test = load(a.data, CorpusSettings(), 42, only="test").splits["test"]
     words = [s.tokens for s in test]
     t = time.perf_counter()
-    if how == "int8_torch_ao":
-        import warnings
-
-        from torch.ao.quantization import quantize_dynamic
-
-        tagger = Tagger.load(a.run, precision="fp32")
-        config = tagger.model.config
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tagger.model = quantize_dynamic(tagger.model, {torch.nn.Linear}, dtype=torch.qint8)
-    elif how == "int8":
+    if how == "int8":
         tagger = Tagger.load(a.run, quantize="int8")
-        config = tagger.model.config
-    elif how == "int8_keep_ffn2_0":  # the default scheme but for layer 0's FFN output matmul: fp32
-        from loratag import onnxrt
-
-        scheme = onnxrt.Int8Scheme(keep_float=("layer.0/output/dense/MatMul",))
-        tagger = Tagger.load(a.run, precision="fp32")
-        config = tagger.model.config
-        with tempfile.TemporaryDirectory() as tmp:
-            onnxrt.export_fp32(tagger.model, Path(tmp) / "f.onnx", tagger.tokenizer.pad_token_id or 0)
-            onnxrt.quantize_int8(Path(tmp) / "f.onnx", Path(tmp) / "q.onnx", scheme)
-            tagger.model = onnxrt.OrtTokenClassifier(Path(tmp) / "q.onnx", config, describe=scheme.describe())
     else:
-        tagger = Tagger.load(a.run, precision=how)
-        config = tagger.model.config
+        tagger = Tagger.load(a.run, precision="fp32" if how.startswith("int8") else how)
+    if how == "int8_torch_ao":
+        tagger.model = torch_ao_int8(tagger.model, per_channel=False)
+    elif how == "int8_keep_ffn2_0":  # the default scheme but for layer 0's FFN output matmul: fp32
+        from loratag.onnxrt import Int8Scheme, int8_model
+
+        scheme = Int8Scheme(keep_float=("layer.0/output/dense/MatMul",))
+        tagger.model = int8_model(tagger.model, tagger.tokenizer.pad_token_id or 0, scheme)
+    config = tagger.model.config
     load_s = time.perf_counter() - t
     tagger.tag_words(words[:200])
     best = float("inf")

@@ -20,11 +20,10 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cpu_facts  # noqa: E402
+from _common import cpu_facts, torch_ao_int8  # noqa: E402
 
 
 def arms(layers: int) -> dict:
@@ -46,18 +45,6 @@ def arms(layers: int) -> dict:
     for i in range(layers):
         out[f"keep_layer_{i}"] = Int8Scheme(keep_float=(f"layer.{i}/", f"Attention_{i}"))
     return out
-
-
-def _torch_ao(tagger, per_channel: bool):
-    import torch
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    spec = {n: qconfig for n, m in tagger.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tagger.model = quantize_dynamic(tagger.model, spec, dtype=torch.qint8)
-    return tagger
 
 
 def main() -> None:
@@ -97,7 +84,7 @@ def main() -> None:
                     continue
                 tagger = Tagger.load(run, precision="fp32")
                 if isinstance(scheme, str):
-                    _torch_ao(tagger, per_channel=scheme.endswith("channel"))
+                    tagger.model = torch_ao_int8(tagger.model, per_channel=scheme.endswith("channel"))
                 else:
                     quantize_int8(exported, Path(tmp) / f"{name}.onnx", scheme)
                     tagger.model = OrtTokenClassifier(Path(tmp) / f"{name}.onnx", fp32.model.config)

@@ -159,6 +159,24 @@ def tiny_bert_nodrop(tmp_path_factory, tiny_bert) -> Path:
     return d
 
 
+def tagging_cfg(base: Path) -> Config:
+    """A tiny run trained long enough (40 epochs, bias all, fp32) to tag entities in the tiny corpus's sentences."""
+    return Config(
+        model=str(base),
+        data=str(RESOURCES / "tiny"),
+        lora=guide_lora(r=4, alpha=8, bias="all"),
+        train=guide_train(lr=0.02, batch_size=4, epochs=40, checkpoint_minutes=0, precision="fp32"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tagging_run(tmp_path_factory, tiny_bert) -> Path:
+    """``tagging_cfg`` on the tiny BERT, trained once for the modules that predict with it."""
+    from loratag.train import train
+
+    return train(tagging_cfg(tiny_bert), tmp_path_factory.mktemp("tagging-run") / "run", progress=False)
+
+
 def guide_adapter(base_dir: Path, out: Path, seed: int = 0, base_name: str | None = None) -> Path:
     """An adapter as the PEFT guide's code trains and saves it: bias "all", no label file beside it, trained-looking
     weights (random LoRA matrices, every bias moved). ``base_name`` rewrites its base_model_name_or_path, as people

@@ -15,9 +15,8 @@ from loratag.labels import repair_iob2
 from loratag.tagger import Tagger
 from loratag.text import split_words
 
-from .conftest import guide_lora, guide_train
+from .conftest import tagging_cfg
 
-RESOURCES = Path(__file__).parent / "resources"
 TEXTS = [
     "IL-2 gene expression requires NF-kappa B.",
     "T cells express CD28. Human monocytes bind B7 (in vitro).",
@@ -25,27 +24,16 @@ TEXTS = [
 ]
 
 
-def _train(model: Path, out: Path) -> Path:
-    from loratag.config import Config
-    from loratag.train import train
-
-    cfg = Config(
-        model=str(model),
-        data=str(RESOURCES / "tiny"),
-        lora=guide_lora(r=4, alpha=8, bias="all"),
-        train=guide_train(lr=0.02, batch_size=4, epochs=40, checkpoint_minutes=0, precision="fp32"),
-    )
-    return train(cfg, out, progress=False)
-
-
 @pytest.fixture(scope="module")
-def bert_run(tmp_path_factory, tiny_bert) -> Path:
-    return _train(tiny_bert, tmp_path_factory.mktemp("int8") / "bert")
+def bert_run(tagging_run) -> Path:
+    return tagging_run
 
 
 @pytest.fixture(scope="module")
 def roberta_run(tmp_path_factory, tiny_roberta) -> Path:
-    return _train(tiny_roberta, tmp_path_factory.mktemp("int8") / "roberta")
+    from loratag.train import train
+
+    return train(tagging_cfg(tiny_roberta), tmp_path_factory.mktemp("int8") / "roberta", progress=False)
 
 
 def _words() -> list[list[str]]:

@@ -16,7 +16,7 @@ from loratag.cli import main
 from loratag.predict.ray import ray_engine
 from loratag.predict.shards import MANIFEST, TaggerSpec, find_shards, predict_shards, read_manifest
 
-from .conftest import RESOURCES, guide_lora, guide_train
+from .conftest import RESOURCES
 
 WORDS = [json.loads(x)["tokens"] for x in (RESOURCES / "tiny/train.json").read_text().splitlines()]
 
@@ -30,17 +30,8 @@ def _docs(n: int, seed: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_bert):
-    from loratag.config import Config
-    from loratag.train import train
-
-    cfg = Config(
-        model=str(tiny_bert),
-        data=str(RESOURCES / "tiny"),
-        lora=guide_lora(r=4, alpha=8, bias="all"),
-        train=guide_train(lr=0.02, batch_size=4, epochs=40, checkpoint_minutes=0, precision="fp32"),
-    )
-    return train(cfg, tmp_path_factory.mktemp("shard-run") / "run", progress=False)
+def run(tagging_run):
+    return tagging_run
 
 
 @pytest.fixture(scope="module")

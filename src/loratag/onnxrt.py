@@ -70,33 +70,22 @@ class Int8Scheme:
         }
 
 
-def default_scheme() -> Int8Scheme:
-    return Int8Scheme()
-
-
 class _ExportWrapper(torch.nn.Module):
-    """input_ids, attention_mask -> logits, with the 2-D mask expanded into the additive 4-D one transformers 4
-    built (``(1 - mask) -> min where masked``): the pattern ORT's attention fusion matches. transformers 5 takes a 4-D
-    mask as given; the result is checked against the torch model before it is used."""
+    """input_ids, attention_mask -> logits. ``additive``: the 2-D mask expanded into the additive 4-D one transformers
+    4 built (``(1 - mask) -> min where masked``), the pattern ORT's attention fusion matches; transformers 5 takes a
+    4-D mask as given, and the result is checked against the torch model before it is used."""
 
-    def __init__(self, model):
+    def __init__(self, model, additive: bool):
         super().__init__()
-        self.model = model
+        self.model, self.additive = model, additive
 
     def forward(self, input_ids, attention_mask):
-        b, n = attention_mask.shape
-        inverted = 1.0 - attention_mask[:, None, None, :].expand(b, 1, n, n).to(torch.float32)
-        mask = inverted.masked_fill(inverted.to(torch.bool), torch.finfo(torch.float32).min)
+        mask = attention_mask
+        if self.additive:
+            b, n = attention_mask.shape
+            inverted = 1.0 - attention_mask[:, None, None, :].expand(b, 1, n, n).to(torch.float32)
+            mask = inverted.masked_fill(inverted.to(torch.bool), torch.finfo(torch.float32).min)
         return self.model(input_ids=input_ids, attention_mask=mask).logits
-
-
-class _PlainWrapper(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 @contextmanager
@@ -163,13 +152,12 @@ def export_fp32(model, path: Path, pad_id: int = 0, atol: float = 1e-3) -> dict:
     fusable = cfg.model_type in FUSED_TYPES
     with _eager_attention(model), torch.no_grad():
         raw = path.with_name(path.stem + ".raw.onnx")
-        _torch_export(_ExportWrapper(model) if fusable else _PlainWrapper(model), sample, raw)
-        got = _run(_session(raw, 1), *sample)
-        if fusable and not torch.allclose(got, expected, atol=atol):
+        _torch_export(_ExportWrapper(model, additive=fusable), sample, raw)
+        if fusable and not torch.allclose(_run(_session(raw, 1), *sample), expected, atol=atol):
             # an architecture that reads a 4-D mask its own way: export it as the model takes it, unfused
             log.warning("onnx: %s does not take the 4-D mask as BERT does; exported unfused", cfg.model_type)
             fusable = False
-            _torch_export(_PlainWrapper(model), sample, raw)
+            _torch_export(_ExportWrapper(model, additive=False), sample, raw)
     fused: dict = {}
     if fusable:
         options = FusionOptions("bert")
@@ -218,7 +206,7 @@ def quantize_int8(src: Path, dst: Path, scheme: Int8Scheme | None = None) -> Int
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    scheme = scheme or default_scheme()
+    scheme = scheme or Int8Scheme()
     with warnings.catch_warnings(), _quiet_root_logger():
         warnings.simplefilter("ignore")
         quantize_dynamic(
@@ -249,21 +237,18 @@ class OrtTokenClassifier:
     def parameters(self):
         yield torch.zeros(0)  # the Tagger reads the device from the first parameter: the CPU
 
-    def modules(self):
-        return iter(())
-
     def __call__(self, input_ids, attention_mask, **kw):
         if kw.get("adapter_names") is not None:
             raise ValueError("an int8 ONNX model holds one merged adapter; it cannot take adapter_names")
         return SimpleNamespace(logits=_run(self.session, input_ids.cpu(), attention_mask.cpu()))
 
 
-def int8_model(model, pad_id: int = 0, workdir: Path | None = None) -> OrtTokenClassifier:
+def int8_model(model, pad_id: int = 0, scheme: Int8Scheme | None = None) -> OrtTokenClassifier:
     """A merged torch token classifier -> an int8 ORT model held in memory (the files go to a temporary folder)."""
-    with tempfile.TemporaryDirectory(prefix="loratag-onnx-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="loratag-onnx-") as tmp:
         fp32 = Path(tmp) / FP32_FILE
         facts = export_fp32(model, fp32, pad_id)
-        scheme = quantize_int8(fp32, Path(tmp) / INT8_FILE)
+        scheme = quantize_int8(fp32, Path(tmp) / INT8_FILE, scheme)
         describe = {**scheme.describe(), "fused": facts["fused"]}
         return OrtTokenClassifier(Path(tmp) / INT8_FILE, model.config, describe=describe)
 
@@ -272,7 +257,7 @@ def export_dir(tagger, out: Path, quantize: str | None = None) -> dict:
     """A folder onnxruntime runs without loratag (and optimum's ORTModelForTokenClassification reads): model.onnx
     (fp32), model_quantized.onnx (int8, with ``quantize="int8"``), config.json with id2label, the tokenizer, and
     onnx.json saying how the files were made. The fused ops (Attention, BiasGelu ...) are ONNX Runtime's own."""
-    import json
+    from .rundir import write_json
 
     model = tagger.model
     if hasattr(model, "merge_and_unload"):
@@ -308,5 +293,5 @@ def export_dir(tagger, out: Path, quantize: str | None = None) -> dict:
         f"tokenizer.json neither pads nor truncates: a sentence over {tagger.max_length} sub-tokens needs windows "
         "(loratag predict runs overlapping ones)"
     )
-    (out / "onnx.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "onnx.json", record)
     return record

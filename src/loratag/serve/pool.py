@@ -100,6 +100,7 @@ def load_shared(adapters: list[Adapter], base_path: str):
 
     base = load_base(base_path, adapters[0].labels)
     modules = {n for n, _ in base.named_modules()}  # PEFT wraps modules under their own names
+    own_params = dict(base.named_parameters())  # by the base's own names, before PEFT wraps them
     model, biases, heads = None, [], []
     for a in adapters:
         cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
@@ -110,8 +111,7 @@ def load_shared(adapters: list[Adapter], base_path: str):
         if weight is None or bias is None or weight.shape[0] != len(a.labels):
             raise ValueError(f"{a.run}: the adapter file lacks a classifier head for its {len(a.labels)} labels")
         for key in head:  # PEFT expects its head copy filled: the base's own head, same for all; ours stays apart
-            own_head = base.get_parameter(key) if model is None else _base_head(model, key)
-            peft_state["base_model.model." + key] = own_head
+            peft_state["base_model.model." + key] = own_params[key]
         if model is None:
             model = get_peft_model(base, cfg, adapter_name=a.name)
         else:
@@ -127,13 +127,6 @@ def load_shared(adapters: list[Adapter], base_path: str):
         biases.append(own)
         heads.append((weight, bias))
     return model.eval(), biases, heads
-
-
-def _base_head(model, key: str) -> torch.Tensor:
-    """The base model's own head parameter ``key`` (``classifier.weight``) inside a PEFT model, where PEFT keeps it
-    as the wrapper's original_module."""
-    module, _, leaf = key.rpartition(".")
-    return getattr(model.base_model.model.get_submodule(module).original_module, leaf)
 
 
 @torch.no_grad()
