@@ -87,6 +87,53 @@ def test_threads_each_use_their_own_rows(tiny_bert):
                 assert all(torch.allclose(o, expected[name], atol=1e-5) for o in outs)
 
 
+def test_lora_on_embeddings_stacks_and_matches_peft(tiny_bert):
+    configs = {"emb": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "word_embeddings"]}, "plain": {"r": 2}}
+    model = _peft_model(tiny_bert, configs)
+    ids, mask = _batch()
+    rows = ["emb", "plain", "emb", "emb", "plain", "emb"]
+    with torch.no_grad():
+        alone = {}
+        for name in configs:
+            model.set_adapter(name)
+            alone[name] = model(input_ids=ids, attention_mask=mask).logits
+        got = multilora.build(model, list(configs))(ids, mask, adapter_names=rows).logits
+    for r, name in enumerate(rows):
+        keep = mask[r].bool()
+        torch.testing.assert_close(got[r][keep], alone[name][r][keep], rtol=1e-5, atol=1e-5)
+
+
+def test_stacks_installed_while_passes_run_never_mix(tiny_bert):
+    """A pass pinned to a stack keeps it while another stack (an adapter removed, one added) is installed; a new
+    adapter's modules wrapped meanwhile act as the base for the older stack."""
+    model = _peft_model(tiny_bert, CONFIGS)
+    ids, mask = _batch()
+    with torch.no_grad():
+        model.set_adapter("cells")
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    weights = {n: multilora.weights_of(model, n) for n in CONFIGS}
+    served = multilora.MultiLoraModel(_peft_model(tiny_bert, {"x": {"r": 1}}).base_model.model)  # LoRA on none
+    with torch.no_grad():
+        for m in served.modules():
+            for p in getattr(m, "lora_B", {}).values():
+                p.weight.zero_()  # adapter "x" does nothing: the plain base, PEFT layers left where served is not
+    old = multilora.stack(["genes", "drugs"], [weights["genes"], weights["drugs"]], served.model)
+    served.install(old)
+    with torch.no_grad():
+        before = served(ids, mask, adapter_names=["genes"] * 6).logits
+        new = multilora.stack(["cells"], [weights["cells"]], served.model)  # LoRA on key and dense too
+        with served.pinned(old):
+            served.install(new)
+            pinned = served(ids, mask, adapter_names=["genes"] * 6).logits
+        with pytest.raises(KeyError):
+            served(ids, mask, adapter_names=["genes"] * 6)  # gone from the current stack
+        cells = served(ids, mask, adapter_names=["cells"] * 6).logits
+    torch.testing.assert_close(pinned, before)
+    keep = mask.bool()
+    torch.testing.assert_close(cells[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cells, before, atol=1e-3)
+
+
 def test_what_cannot_be_stacked_is_left_to_peft(tiny_bert):
     model = _peft_model(tiny_bert, {"genes": {"r": 4}, "dora": {"r": 4, "use_dora": True}})
     before = {n: type(m) for n, m in model.named_modules()}
@@ -138,7 +185,8 @@ def test_per_row_biases_match_each_adapter_with_its_biases_in_the_base(tiny_bert
     assert not torch.allclose(expected[0], unbiased, atol=1e-3), "the biases changed nothing; an empty check"
     stacked = multilora.build(model, names, biases)
     kinds = {type(stacked.model.get_submodule(m)).__name__ for m in (linear, lora, norm)}
-    assert kinds == {"RowBiasLinear", "MultiLoraLinear", "RowBiasLayerNorm"}
+    assert kinds == {"StackedLinear", "StackedLayerNorm"}
+    assert linear in stacked.stack.biases and linear not in stacked.stack.lora and lora in stacked.stack.lora
     with torch.no_grad():
         got = stacked(ids, mask, adapter_names=rows).logits
     for r in range(len(ids)):

@@ -190,7 +190,7 @@ def test_adapters_with_different_label_sets_share_one_server(runs, tiny_bert, tm
         (data / f"{split}.conll").write_text("IL-2\tB-DNA\ngene\tI-DNA\nbinds\tO\nDNA\tO\n")
     fewer = train(_cfg(tiny_bert, data=data, lr=0.05, epochs=30), tmp_path / "fewer", progress=False)
     pool = AdapterPool([(runs[1], "cells"), (fewer, "dna")])
-    assert pool.stacked and [len(a.labels) for a in pool.adapters.values()] == [7, 3]
+    assert not pool.merged and [len(a.labels) for a in pool.adapters.values()] == [7, 3]
     texts = TEXTS[:3] * 2
     names = ["cells", "dna"] * 3
     served = [d.to_dict() for d in pool.tag(names, texts)]
@@ -339,8 +339,9 @@ def test_browser_page_highlights_entities(server, runs):
     assert all(label in legend for label in ("DNA", "protein", "cell_type"))
 
 
-def test_peft_mixed_batch_path_gives_the_same_answers(runs, monkeypatch):
-    """Where adapters cannot be stacked (multilora.build returns None), PEFT's own path answers the same."""
+def test_an_unstackable_adapter_is_served_alone_merged(runs, monkeypatch):
+    """Where an adapter cannot be stacked (multilora.weights_of raises Unstackable), it is served alone, merged into
+    its base as predict runs it; with others, or with adapters that come and go, it is refused with the reason."""
     from loratag.serve import multilora
 
     stacked = AdapterPool([(r, r.name) for r in runs])
@@ -348,15 +349,18 @@ def test_peft_mixed_batch_path_gives_the_same_answers(runs, monkeypatch):
     def unstackable(*a, **k):
         raise multilora.Unstackable("test: as if an adapter used DoRA")
 
-    monkeypatch.setattr(multilora, "build", unstackable)
-    plain = AdapterPool([(r, r.name) for r in runs])
-    assert stacked.stacked and not plain.stacked
-    adapters = [runs[i % 3].name for i in range(len(TEXTS) * 2)]
-    texts = TEXTS * 2
-    same([d.to_dict() for d in plain.tag(adapters, texts)], [d.to_dict() for d in stacked.tag(adapters, texts)])
-    with ThreadPoolExecutor(2) as ex:  # PEFT's path from two threads: serialised, still right
-        results = list(ex.map(lambda k: plain.tag(adapters[k:], texts[k:]), [0, 1]))
-    same([d.to_dict() for d in results[1]], [d.to_dict() for d in stacked.tag(adapters[1:], texts[1:])])
+    monkeypatch.setattr(multilora, "weights_of", unstackable)
+    alone_pool = AdapterPool([(runs[1], "cells")])
+    assert alone_pool.merged and not stacked.merged
+    same([d.to_dict() for d in alone_pool.tag(["cells"] * 4, TEXTS)], alone(runs[1], TEXTS))
+    served = [d.to_dict() for d in stacked.tag(["cells"] * 4, TEXTS)]
+    same([d.to_dict() for d in alone_pool.tag(["cells"] * 4, TEXTS)], served)
+    with pytest.raises(ValueError, match=r"genes: cannot be stacked with other adapters \(test: as if .*DoRA\)"):
+        AdapterPool([(r, r.name) for r in runs])
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        AdapterPool([(runs[1], "cells")], dynamic=True)
+    with pytest.raises(ValueError, match="merged into its base"):
+        alone_pool.add("genes", runs[0])
 
 
 def test_serves_a_top_layers_run_with_trained_biases_and_its_own_decoding(runs, tiny_bert, tmp_path):
@@ -374,21 +378,21 @@ def test_serves_a_top_layers_run_with_trained_biases_and_its_own_decoding(runs, 
     same([d.to_dict() for d in mixed[::2]], alone(top, TEXTS[:4:2]))
 
 
-def test_peft_path_adapters_get_their_own_heads(tiny_bert, tmp_path):
-    """Adapters the stacked path cannot take (LoRA on the embeddings) are served by PEFT's own mixed-batch path:
-    each still answers with its own classifier head (kept apart from PEFT at load and copied into PEFT's
-    per-adapter head), as predict does for it; heads of different sizes there are refused with the reason."""
+def test_plain_peft_adapters_with_any_heads_and_dora_alone(tiny_bert, tmp_path):
+    """Plain PEFT adapters (labels in a config.json beside them, LoRA on the embeddings too) stack with heads of
+    different sizes, each answering as predict does for it. A DoRA adapter (not stackable, nor can PEFT run it in
+    mixed batches) is served alone, merged; with others it is refused with the reason."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForTokenClassification
 
-    def plain_adapter(name: str, names: list[str], seed: int) -> Path:
+    def plain_adapter(name: str, names: list[str], seed: int, **kw) -> Path:
         torch.manual_seed(seed)
         id2label = dict(enumerate(names))
         base = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=len(names), id2label=id2label)
         targets = ["query", "value", "word_embeddings"]
         model = get_peft_model(
-            base, LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, target_modules=targets)
+            base, LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, target_modules=targets, **kw)
         )
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -398,14 +402,22 @@ def test_peft_path_adapters_get_their_own_heads(tiny_bert, tmp_path):
         base.config.save_pretrained(tmp_path / name)  # the adapter's own labels (id2label) beside it
         return tmp_path / name
 
+    def answers_as_predict(pool, paths):
+        rows = [p.name for p in paths] * 2
+        texts = [TEXTS[i % 3] for i in range(len(rows))]
+        served = [d.to_dict() for d in pool.tag(rows, texts)]
+        for path, text, doc in zip(paths * 2, texts, served):
+            same([doc], [d.to_dict() for d in Tagger.load(path).tag_documents([text])])
+        assert any(d["entities"] for d in served)  # random heads tag something: the comparison compares entities
+
     five = ["O", "B-DNA", "I-DNA", "B-protein", "I-protein"]
-    paths = [plain_adapter("d1", five, 0), plain_adapter("d2", five, 1)]
+    paths = [plain_adapter("d1", five, 0), plain_adapter("d2", five, 1), plain_adapter("d3", five[:3], 2)]
     pool = AdapterPool([(p, p.name) for p in paths])
-    assert not pool.stacked
-    served = [d.to_dict() for d in pool.tag(["d1", "d2", "d1"], TEXTS[:3])]
-    for i, path in ((0, paths[0]), (1, paths[1]), (2, paths[0])):
-        same([served[i]], [d.to_dict() for d in Tagger.load(path).tag_documents([TEXTS[i]])])
-    assert any(d["entities"] for d in served)  # random heads tag something: the comparison compares entities
-    three = plain_adapter("d3", ["O", "B-DNA", "I-DNA"], 2)
-    with pytest.raises(ValueError, match=r"different label counts \(3, 5\)"):
-        AdapterPool([(paths[0], "d1"), (three, "d3")])
+    assert not pool.merged and pool.model.stack.embed, "LoRA on the embeddings was not stacked"
+    answers_as_predict(pool, paths)
+    dora = plain_adapter("e1", five, 3, use_dora=True)
+    pool = AdapterPool([(dora, dora.name)])
+    assert pool.merged
+    answers_as_predict(pool, [dora])
+    with pytest.raises(ValueError, match=r"e1: cannot be stacked with other adapters \(adapter 'e1' uses DoRA\)"):
+        AdapterPool([(dora, "e1"), (paths[0], "d1")])

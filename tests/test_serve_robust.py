@@ -55,7 +55,7 @@ def _alone(path: Path, texts):
 
 
 def test_every_bias_kind_serves_on_one_base_and_answers_as_predict(mixed, mixed_pool):
-    assert mixed_pool.stacked
+    assert not mixed_pool.merged
     assert {a.name: a.bias for a in mixed_pool.adapters.values()} == {
         "plain": "none",
         "biased": "all",
@@ -118,8 +118,8 @@ def test_an_unservable_adapter_is_refused_naming_the_run_and_why(mixed, monkeypa
     def unstackable(*a, **k):
         raise multilora.Unstackable("an adapter uses DoRA")
 
-    monkeypatch.setattr(multilora, "build", unstackable)
-    with pytest.raises(ValueError, match=r"biased: trained with bias='all'.*DoRA"):
+    monkeypatch.setattr(multilora, "weights_of", unstackable)
+    with pytest.raises(ValueError, match=r"plain: cannot be stacked with other adapters \(an adapter uses DoRA\)"):
         AdapterPool(mixed[:2])
 
 

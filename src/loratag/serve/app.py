@@ -249,9 +249,9 @@ def cpu_cores() -> int:
 
 def default_workers(pool: AdapterPool) -> int:
     """Two worker threads on a CPU with two cores or more (each then runs its own batch on its share of the cores,
-    which tagged more sentences/s than one worker on all of them: docs/serving.md); one on a GPU, and where PEFT's
-    own mixed-batch path serialises calls, and for an int8 model (ONNX Runtime's own thread pool spans the cores)."""
-    if pool.tagger.device.type != "cpu" or not pool.stacked or pool.merged:
+    which tagged more sentences/s than one worker on all of them: docs/serving.md); one on a GPU, and for an int8
+    model (ONNX Runtime's own thread pool spans the cores)."""
+    if pool.tagger.device.type != "cpu" or pool.tagger.quantized:
         return 1
     return min(2, cpu_cores())
 
