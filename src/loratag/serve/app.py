@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from ..config import ServeSettings
 from ..text import count_words
-from .asgi import BodyLimit, Observe
+from .asgi import Auth, BodyLimit, Observe
 from .batcher import Batcher, QueueFull
-from .pool import AdapterPool
+from .pool import NAME, AdapterPool, UnknownAdapter
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,21 @@ class TagResponse(BaseModel):
 
 class AdapterOut(BaseModel):
     name: str
-    labels: list[str]
-    bias: str = Field(description="which biases the adapter trained: none, all or lora_only")
-    decode: str = Field(description="how its labels are decoded: argmax, or constrained (valid IOB2 only)")
-    metrics: dict
+    status: str = Field(
+        description="ready (stacked: answers at once), idle (evicted by --max-adapters: loaded on its next use) or "
+        "failed (not served: see error)"
+    )
+    labels: list[str] = []
+    bias: str = Field("none", description="which biases the adapter trained: none, all or lora_only")
+    decode: str = Field("argmax", description="how its labels are decoded: argmax, or constrained (valid IOB2 only)")
+    metrics: dict = {}
+    error: str | None = Field(None, description="why it failed to load (a served adapter: why its replacement did)")
+
+
+class AddAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME.pattern, description="the adapter's name in requests (replaces one of that name)")
+    path: str = Field(description="absolute path of a loratag run or PEFT adapter folder under an --allow-root")
 
 
 class AdaptersResponse(BaseModel):
@@ -96,12 +108,15 @@ class AdaptersResponse(BaseModel):
 
 
 class Metrics:
-    """The Prometheus series of one app (a registry of its own, so several apps in one process don't clash)."""
+    """The Prometheus series of one app (a registry of its own, so several apps in one process don't clash): HTTP
+    requests by route; per adapter, tag requests by status, latency and words; the pool's stacked, served and
+    failed adapters, loads (cold loads included) and their seconds, evictions."""
 
     KNOWN_PATHS = {"/v1/tag", "/v1/adapters", "/healthz", "/metrics", "/"}
+    SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+    def __init__(self, pool: AdapterPool | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         self.requests = Counter("loratag_requests", "HTTP requests", ["path", "status"], registry=self.registry)
@@ -119,8 +134,48 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         self.errors = Counter("loratag_errors", "requests answered with an error", ["status"], registry=self.registry)
+        r = self.registry
+        self.adapter_requests = Counter(
+            "loratag_adapter_requests", "tag requests per adapter, by HTTP status", ["adapter", "status"], registry=r
+        )
+        self.adapter_seconds = Histogram(
+            "loratag_adapter_request_seconds", "tag request latency per adapter", ["adapter"], buckets=self.SECONDS,
+            registry=r,
+        )  # fmt: skip
+        self.adapter_words = Counter("loratag_adapter_words", "words tagged per adapter", ["adapter"], registry=r)
+        self.loads = Counter("loratag_adapter_loads", "adapter loads (cold loads included)", registry=r)
+        self.load_failures = Counter("loratag_adapter_load_failures", "adapters that failed to load", registry=r)
+        self.load_seconds = Histogram(
+            "loratag_adapter_load_seconds", "seconds to load an adapter", buckets=self.SECONDS, registry=r
+        )
+        self.evictions = Counter("loratag_adapter_evictions", "adapters evicted (--max-adapters)", registry=r)
+        if pool is not None:
+            Gauge("loratag_adapters_stacked", "adapters stacked now", registry=r).set_function(
+                lambda: len(pool.resident())
+            )
+            Gauge("loratag_adapters_served", "adapters served", registry=r).set_function(lambda: len(pool.adapters))
+            Gauge("loratag_adapters_failed", "adapters that failed to load", registry=r).set_function(
+                lambda: len(pool.failed)
+            )
+            pool.listeners.append(self.pool_event)
+
+    def pool_event(self, event: str, name: str, seconds: float) -> None:
+        if event == "load":
+            self.loads.inc()
+            self.load_seconds.observe(seconds)
+        elif event == "evict":
+            self.evictions.inc()
+        elif event == "fail":
+            self.load_failures.inc()
+
+    def tagged(self, adapter: str, status: int, seconds: float, words: int) -> None:
+        self.adapter_requests.labels(adapter, str(status)).inc()
+        self.adapter_seconds.labels(adapter).observe(seconds)
+        if status == 200:
+            self.adapter_words.labels(adapter).inc(words)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
+        path = "/v1/adapters" if path.startswith("/v1/adapters/") else path
         path = path if path in self.KNOWN_PATHS else "other"
         self.requests.labels(path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
@@ -149,19 +204,61 @@ def _within_limits(req: TagRequest, settings: ServeSettings) -> list[str]:
     return texts
 
 
-def _describe(a) -> dict:
-    return {"name": a.name, "labels": list(a.labels.labels), "bias": a.bias, "decode": a.decode, "metrics": a.metrics}
+def _describe(a, status: str = "ready", error: str | None = None) -> dict:
+    return {
+        "name": a.name, "status": status, "labels": list(a.labels.labels), "bias": a.bias, "decode": a.decode,
+        "metrics": a.metrics, "error": error,
+    }  # fmt: skip
 
 
-def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
+def _listing(pool: AdapterPool) -> list[dict]:
+    resident, failed = set(pool.resident()) if not pool.merged else set(pool.adapters), dict(pool.failed)
+    out = []
+    for name, a in pool.adapters.items():
+        error = failed[name].error if name in failed else None
+        out.append(_describe(a, "ready" if name in resident else "idle", error))
+    out += [{"name": n, "status": "failed", "error": f.error} for n, f in failed.items() if n not in pool.adapters]
+    return out
+
+
+def allowed_path(path: str, roots: list[Path]) -> Path:
+    """``path`` (absolute) if it and the adapter files in it lie under one of ``roots`` once links are resolved;
+    else HTTP 403 (outside) or 404 (not there)."""
+    from fastapi import HTTPException
+
+    if not roots:
+        raise HTTPException(403, "the admin API is off: start the server with --allow-root DIR")
+    p = Path(path)
+    if not p.is_absolute():
+        raise HTTPException(422, f"path must be absolute, got {path!r}")
+    real = p.resolve()
+    inside = [r.resolve() for r in roots]
+    files = [real, *(real / "adapter").resolve().glob("*"), *real.glob("*")] if real.is_dir() else [real]
+    if not all(any(f.resolve().is_relative_to(r) for r in inside) for f in files):
+        raise HTTPException(403, f"{path} is not under an --allow-root folder (links resolved)")
+    if not real.is_dir():
+        raise HTTPException(404, f"{path}: no such run or adapter folder")
+    return real
+
+
+def create_app(
+    pool: AdapterPool,
+    settings: ServeSettings = ServeSettings(),
+    user_keys: list[str] = (),
+    admin_keys: list[str] = (),
+    allow_roots: list[Path] = (),
+    watcher=None,
+):
     """The ASGI application, wrapped in its middlewares, and the FastAPI app inside (tests call it in-process).
-    The worker threads start with the first request and stop when the app shuts down (ASGI lifespan)."""
+    The worker threads start with the first request and stop when the app shuts down (ASGI lifespan), as does
+    ``watcher`` (serve.watch.Watcher). ``user_keys``/``admin_keys``: bearer keys (asgi.Auth); ``allow_roots``:
+    folders the admin API may add adapters from (none: POST /v1/adapters is off)."""
     from fastapi import FastAPI, HTTPException, Response
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-    metrics = Metrics()
+    metrics = Metrics(pool)
     batcher = Batcher(
         lambda adapters, texts: pool.tag(adapters, texts),  # looked up per batch: tests replace pool.tag
         settings.wait_ms if settings.batching else 0,
@@ -174,7 +271,11 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         await asyncio.to_thread(batcher.close)
 
     app = FastAPI(
@@ -204,24 +305,72 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
     )
     async def tag(req: TagRequest):
         """Entities of each text (`text`, `label`, `start`, `end`, `score`), as `loratag predict` gives them."""
-        if req.adapter not in pool.adapters:
-            raise HTTPException(404, f"unknown adapter {req.adapter!r}; known: {', '.join(pool.adapters)}")
-        texts = _within_limits(req, settings)
-        words = await asyncio.to_thread(lambda: sum(count_words(t) for t in texts))
-        if words > settings.max_words:
-            raise HTTPException(413, f"{words} words in this request; the limit is {settings.max_words} (--max-words)")
+        start, status, words = time.perf_counter(), 500, 0
+        # per-adapter series only for names the server knows: a client cannot grow them without bound
+        series = req.adapter if req.adapter in pool.adapters or req.adapter in pool.failed else "unknown"
         try:
-            docs = await batcher.submit(req.adapter, texts)
-        except QueueFull:
-            raise HTTPException(503, "the server is busy; retry shortly", headers={"Retry-After": "1"}) from None
-        # A ready response: FastAPI would otherwise validate the dicts again against TagResponse (the schema
-        # still documents it), a cost paid per request in the event loop every other request waits on.
-        return JSONResponse({"adapter": req.adapter, "results": [d.to_dict() for d in docs]})
+            if req.adapter not in pool.adapters:
+                raise HTTPException(
+                    404, str(UnknownAdapter(req.adapter, list(pool.adapters), pool.failed.get(req.adapter)))
+                )
+            texts = _within_limits(req, settings)
+            words = await asyncio.to_thread(lambda: sum(count_words(t) for t in texts))
+            if words > settings.max_words:
+                raise HTTPException(
+                    413, f"{words} words in this request; the limit is {settings.max_words} (--max-words)"
+                )
+            try:
+                docs = await batcher.submit(req.adapter, texts)
+            except QueueFull:
+                raise HTTPException(503, "the server is busy; retry shortly", headers={"Retry-After": "1"}) from None
+            except UnknownAdapter as e:  # removed, or failed to load, after the request came in
+                raise HTTPException(404, str(e)) from None
+            status = 200
+            # A ready response: FastAPI would otherwise validate the dicts again against TagResponse (the schema
+            # still documents it), a cost paid per request in the event loop every other request waits on.
+            return JSONResponse({"adapter": req.adapter, "results": [d.to_dict() for d in docs]})
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            metrics.tagged(series, status, time.perf_counter() - start, words)
 
     @app.get("/v1/adapters", response_model=AdaptersResponse)
     async def adapters():
-        """The adapters this server holds, their labels, which biases they trained, and their test metrics."""
-        return {"adapters": [_describe(a) for a in pool.adapters.values()]}
+        """The adapters this server knows: their status (ready, idle, failed), labels, which biases they trained,
+        their test metrics, and the error of any that failed to load."""
+        return {"adapters": _listing(pool)}
+
+    admin = {403: {"description": "not an admin key, or no --allow-root"}, 401: {"description": "no or wrong key"}}
+
+    @app.post(
+        "/v1/adapters",
+        status_code=201,
+        response_model=AdapterOut,
+        responses={**admin, 404: {"description": "no such folder"}, 422: {"description": "it failed to load"}},
+    )
+    async def add_adapter(req: AddAdapter):
+        """Serve the run or PEFT adapter at `path` (under an --allow-root folder; safetensors only) as `name`,
+        replacing one of that name once the new one has loaded. A load that fails changes nothing else."""
+        path = await asyncio.to_thread(allowed_path, req.path, list(allow_roots))
+        if pool.merged:
+            raise HTTPException(409, "this server serves one merged adapter (int8, or not stackable): fixed at start")
+        try:
+            adapter = await asyncio.to_thread(pool.add, req.name, path)
+        except Exception as e:
+            raise HTTPException(422, f"{req.name} failed to load: {type(e).__name__}: {e}") from None
+        return _describe(adapter, "ready" if req.name in pool.resident() else "idle")
+
+    @app.delete("/v1/adapters/{name}", status_code=204, responses={**admin, 404: {"description": "unknown adapter"}})
+    async def remove_adapter(name: str):
+        """Stop serving `name`; requests already in a batch are answered first."""
+        if not allow_roots:
+            raise HTTPException(403, "the admin API is off: start the server with --allow-root DIR")
+        if pool.merged:
+            raise HTTPException(409, "this server serves one merged adapter (int8, or not stackable): fixed at start")
+        if not await asyncio.to_thread(pool.remove, name):
+            raise HTTPException(404, f"unknown adapter {name!r}")
+        return Response(status_code=204)
 
     @app.get("/healthz")
     async def healthz():
@@ -236,7 +385,8 @@ def create_app(pool: AdapterPool, settings: ServeSettings = ServeSettings()):
     async def page():
         return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
-    wrapped = Observe(BodyLimit(app, settings.max_body_bytes, settings.drain_body_bytes), metrics.observe)
+    limited = BodyLimit(app, settings.max_body_bytes, settings.drain_body_bytes)
+    wrapped = Observe(Auth(limited, list(user_keys), list(admin_keys)), metrics.observe)
     return wrapped, app
 
 
@@ -265,12 +415,15 @@ def share_cores(pool: AdapterPool, workers: int) -> None:
         torch.set_num_threads(max(1, cpu_cores() // workers))
 
 
-def serve(pool: AdapterPool, host: str, port: int, settings: ServeSettings) -> None:
-    """Serve until interrupted."""
+def serve(pool: AdapterPool, host: str, port: int, settings: ServeSettings, **app_kw) -> None:
+    """Serve until interrupted (``app_kw``: create_app's keys, allowed roots and watcher)."""
     import torch
     import uvicorn
 
     share_cores(pool, settings.workers)
     log.info("%d worker(s), %d torch thread(s) each", settings.workers, torch.get_num_threads())
-    wrapped, _ = create_app(pool, settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and not app_kw.get("user_keys"):
+        log.warning("serving on %s without an API key: anyone who reaches the port can use every adapter "
+                    "(set LORATAG_API_KEY or --api-key-file)", host)  # fmt: skip
+    wrapped, _ = create_app(pool, settings, **app_kw)
     uvicorn.run(wrapped, host=host, port=port, log_level="info")

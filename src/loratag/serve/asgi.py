@@ -6,6 +6,7 @@ which turns an exception raised while the body is read into a 400.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 
@@ -93,3 +94,55 @@ class Observe:
             await self.app(scope, receive, sending)
         finally:
             self.report(scope["path"], status, time.perf_counter() - start)
+
+
+def is_admin_route(method: str, path: str) -> bool:
+    """The routes that change what is served: POST /v1/adapters and DELETE /v1/adapters/NAME."""
+    return (method == "POST" and path == "/v1/adapters") or (method == "DELETE" and path.startswith("/v1/adapters/"))
+
+
+class Auth:
+    """Bearer keys for ``/v1/*``. With user keys set, every ``/v1`` route needs one of them (or an admin key):
+    401 without. With any key set, the admin routes need an admin key: 403 with a user key, 401 without.
+    ``/healthz``, ``/metrics``, the page and the OpenAPI schema stay open (they carry no texts). Keys are
+    compared in constant time (hmac.compare_digest against every key) and never logged."""
+
+    def __init__(self, app, user: list[str], admin: list[str]):
+        self.app = app
+        self.user = [k.encode() for k in user]
+        self.admin = [k.encode() for k in admin]
+
+    @staticmethod
+    def _matches(token: bytes, keys: list[bytes]) -> bool:
+        ok = False
+        for key in keys:  # no early exit: the time taken does not say which key, or how much of one, matched
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not (self.user or self.admin):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip() if scheme.lower() == b"bearer" else b""
+        if is_admin_route(scope["method"], scope["path"]):
+            if token and self._matches(token, self.admin):
+                return await self.app(scope, receive, send)
+            if token and self._matches(token, self.user):
+                why = "this key may use adapters, not change them: the admin routes need the admin key"
+                if not self.admin:
+                    why += " (LORATAG_ADMIN_KEY or --admin-key-file, not set on this server)"
+                return await _deny(send, 403, why)
+            return await _deny(send, 401, "an admin key is needed: send Authorization: Bearer <key>")
+        if not self.user or (token and (self._matches(token, self.user) or self._matches(token, self.admin))):
+            return await self.app(scope, receive, send)
+        return await _deny(send, 401, "missing or unknown API key: send Authorization: Bearer <key>")
+
+
+async def _deny(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

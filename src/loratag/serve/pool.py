@@ -63,7 +63,7 @@ class Adapter:
     decode: str = "argmax"  # the run's --decode (what it chose its epoch by); argmax for plain PEFT adapters
 
 
-def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Path, str]]:
+def parse_runs(specs: list[str], runs_dir: Path | None = None, allow_none: bool = False) -> list[tuple[Path, str]]:
     """``RUN`` or ``RUN:NAME`` arguments (and every run in ``runs_dir``) -> (path, adapter name)."""
     out = []
     if runs_dir is not None:
@@ -75,7 +75,7 @@ def parse_runs(specs: list[str], runs_dir: Path | None = None) -> list[tuple[Pat
     for spec in specs:
         path, _, name = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
         out.append((Path(path), name or Path(path).name))
-    if not out:
+    if not out and not allow_none:
         raise ValueError("name at least one run directory to serve (or --runs-dir)")
     return out
 
@@ -90,6 +90,14 @@ def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) 
         raise ValueError(f"{path}: a {ref.peft_type} adapter; only LoRA adapters are served")
     adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode)
     return adapter, resolve_model(ref.base)
+
+
+def base_of(path: Path, labels: LabelSet | None = None) -> str | None:
+    """The base model a run or adapter needs, or None where it cannot be read."""
+    try:
+        return resolve_model(resolve_adapter(path, labels).base)
+    except Exception:
+        return None
 
 
 def split_biases(
@@ -139,13 +147,14 @@ class AdapterPool:
         max_adapters: int | None = None,
         pins: tuple[str, ...] = (),
         dynamic: bool = False,
+        first_base: str | None = None,
     ):
         """``base``: one base model for every adapter, instead of the one each names. ``labels``: the label order of
         plain PEFT adapters that carry none. ``quantize="int8"``: one adapter, merged into its base and run by ONNX
         Runtime in int8 (the path of predict --quantize int8); stacked adapters stay apart from the base, so int8
         cannot hold several. ``max_adapters``: at most this many stacked at once, the others loaded on first use;
-        ``pins``: names never evicted. ``dynamic``: adapters will come and go (so PEFT's own mixed-batch path, fixed
-        at start, is not an option)."""
+        ``pins``: names never evicted. ``dynamic``: adapters will come and go (so an adapter that cannot be stacked
+        is refused). ``first_base``: the base to load when ``runs`` is empty (the one later runs name)."""
         if quantize and len(runs) != 1:
             raise ValueError(
                 f"--quantize int8 serves one adapter (merged into its base, exported to ONNX); {len(runs)} were "
@@ -170,9 +179,9 @@ class AdapterPool:
                 other = described[0][0].run
                 raise ValueError(f"{path}: base model {needed!r} differs from {other}'s; one server, one base")
             described.append((adapter, needed))
-        if not described and base is None:
+        if not described and base is None and first_base is None:
             raise ValueError("no run to serve yet: name the base model every run will share with --base")
-        self.base_name = described[0][1] if described else resolve_model(base)
+        self.base_name = described[0][1] if described else resolve_model(base or first_base)
         self.merged = quantize is not None
         if self.merged:
             self._serve_merged(described[0][0], device, batch_size, precision, quantize)
