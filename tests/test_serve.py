@@ -263,11 +263,15 @@ def test_concurrent_mixed_adapter_requests_answer_as_alone(server, runs):
 
 
 @pytest.fixture
-def api_schema(pool):
+def api_schema(runs, tmp_path):
+    """Every route, the admin API's included (its own pool: the fuzzer may delete adapters), under a root that
+    holds a run to add."""
     schemathesis = pytest.importorskip("schemathesis")
     from schemathesis.generation import GenerationMode
 
-    app, _ = create_app(pool, ServeSettings(max_text_chars=2000))
+    shutil.copytree(runs[0], tmp_path / "genes")
+    pool = AdapterPool([(r, r.name) for r in runs], dynamic=True)
+    app, _ = create_app(pool, ServeSettings(max_text_chars=2000), allow_roots=[tmp_path])
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     # schema-valid bodies only: schemathesis's negative mode checks its mutations with jsonschema_rs, which cannot
     # take the lone surrogates of the text strategy below (malformed bodies: test_bad_requests)

@@ -149,6 +149,7 @@ class Metrics:
             "loratag_adapter_load_seconds", "seconds to load an adapter", buckets=self.SECONDS, registry=r
         )
         self.evictions = Counter("loratag_adapter_evictions", "adapters evicted (--max-adapters)", registry=r)
+        self.names = set(pool.adapters) if pool is not None else set()
         if pool is not None:
             Gauge("loratag_adapters_stacked", "adapters stacked now", registry=r).set_function(
                 lambda: len(pool.resident())
@@ -160,6 +161,7 @@ class Metrics:
             pool.listeners.append(self.pool_event)
 
     def pool_event(self, event: str, name: str, seconds: float) -> None:
+        self.names.add(name)  # names the operator gave (runs, admin API), not ones a client made up
         if event == "load":
             self.loads.inc()
             self.load_seconds.observe(seconds)
@@ -231,10 +233,14 @@ def allowed_path(path: str, roots: list[Path]) -> Path:
     p = Path(path)
     if not p.is_absolute():
         raise HTTPException(422, f"path must be absolute, got {path!r}")
-    real = p.resolve()
-    inside = [r.resolve() for r in roots]
-    files = [real, *(real / "adapter").resolve().glob("*"), *real.glob("*")] if real.is_dir() else [real]
-    if not all(any(f.resolve().is_relative_to(r) for r in inside) for f in files):
+    try:
+        real = p.resolve()
+        inside = [r.resolve() for r in roots]
+        files = [real, *(real / "adapter").resolve().glob("*"), *real.glob("*")] if real.is_dir() else [real]
+        outside = not all(any(f.resolve().is_relative_to(r) for r in inside) for f in files)
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long, a loop of links
+        raise HTTPException(422, f"path {path!r} cannot be used: {e}") from None
+    if outside:
         raise HTTPException(403, f"{path} is not under an --allow-root folder (links resolved)")
     if not real.is_dir():
         raise HTTPException(404, f"{path}: no such run or adapter folder")
@@ -307,7 +313,7 @@ def create_app(
         """Entities of each text (`text`, `label`, `start`, `end`, `score`), as `loratag predict` gives them."""
         start, status, words = time.perf_counter(), 500, 0
         # per-adapter series only for names the server knows: a client cannot grow them without bound
-        series = req.adapter if req.adapter in pool.adapters or req.adapter in pool.failed else "unknown"
+        series = req.adapter if req.adapter in metrics.names else "unknown"
         try:
             if req.adapter not in pool.adapters:
                 raise HTTPException(

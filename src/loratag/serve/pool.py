@@ -30,6 +30,7 @@ from . import multilora
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 HEAD = ("classifier", "score")
+PEFT_NAME = "served"
 
 
 class UnknownAdapter(KeyError):
@@ -244,15 +245,16 @@ class AdapterPool:
         unknown = [m for m in own if m not in dict(self._skeleton.named_modules())]
         if unknown:
             raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
-        model = get_peft_model(_share(self._skeleton), cfg, adapter_name=a.name)
-        result = set_peft_model_state_dict(model, peft_state, adapter_name=a.name)
-        mine = (f"lora_A.{a.name}.", f"lora_B.{a.name}.", f"lora_embedding_A.{a.name}", f"lora_embedding_B.{a.name}")
+        # one fixed PEFT name for the copy: a user's name may hold '.' (not a module key) or lie inside "lora_"
+        model = get_peft_model(_share(self._skeleton), cfg, adapter_name=PEFT_NAME)
+        result = set_peft_model_state_dict(model, peft_state, adapter_name=PEFT_NAME)
+        mine = [f"{kind}.{PEFT_NAME}" for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")]
         missing = [k for k in result.missing_keys if any(m in k for m in mine)]
         if missing:
             raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
         device = own_params[next(iter(head))].device
         weights = multilora.weights_of(
-            model, a.name, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device))
+            model, PEFT_NAME, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device))
         )
         self._emit("load", a.name, time.perf_counter() - start)
         return weights
