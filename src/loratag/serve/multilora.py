@@ -244,9 +244,10 @@ class MultiLoraModel(nn.Module):
             self.rows.stack = self.rows.index = None
 
 
-def weights_of(peft_model, name: str, biases=None, head=None) -> AdapterWeights:
+def weights_of(peft_model, name: str, biases=None, head=None, shown: str | None = None) -> AdapterWeights:
     """Adapter ``name``'s tensors out of a PEFT model (LoRA with its scaling folded into B). ``biases``: its trained
-    biases by module name; ``head``: its classifier's (weight, bias) [default: PEFT's own copy]."""
+    biases by module name; ``head``: its classifier's (weight, bias) [default: PEFT's own copy]; ``shown``: the
+    name errors give it [default: ``name``]."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -257,9 +258,9 @@ def weights_of(peft_model, name: str, biases=None, head=None) -> AdapterWeights:
             if name not in module.lora_A and name not in module.lora_embedding_A:
                 continue  # no LoRA of this adapter here: the base alone
             if module.use_dora.get(name, False):
-                raise Unstackable(f"adapter {name!r} uses DoRA")
+                raise Unstackable(f"adapter {shown or name!r} uses DoRA")
             if module.lora_bias.get(name, False) or name in getattr(module, "lora_variant", {}):
-                raise Unstackable(f"adapter {name!r} uses a LoRA variant or LoRA's own bias")
+                raise Unstackable(f"adapter {shown or name!r} uses a LoRA variant or LoRA's own bias")
             base, scale = module.get_base_layer(), module.scaling[name]
             if type(base) is nn.Linear:
                 lora[key] = (module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach() * scale)

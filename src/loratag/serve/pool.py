@@ -254,7 +254,7 @@ class AdapterPool:
             raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
         device = own_params[next(iter(head))].device
         weights = multilora.weights_of(
-            model, PEFT_NAME, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device))
+            model, PEFT_NAME, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device)), a.name
         )
         self._emit("load", a.name, time.perf_counter() - start)
         return weights
