@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from loratag.config import Config, ServeSettings
+from loratag.serve.adapters import parse_runs
 from loratag.serve.app import create_app
-from loratag.serve.pool import AdapterPool, parse_runs
+from loratag.serve.pool import AdapterPool
 from loratag.tagger import Tagger
 from loratag.train import train
 
@@ -284,7 +285,7 @@ try:
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
 
-    from loratag.serve.app import TEXT_FORMAT
+    from loratag.serve.schemas import TEXT_FORMAT
 
     # texts as JSON can carry them: any code point, lone surrogates (Cs) and control characters (Cc) included,
     # mixed with the words a tagger sees

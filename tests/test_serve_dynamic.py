@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from loratag.config import ServeSettings
-from loratag.serve.pool import AdapterPool, UnknownAdapter
+from loratag.serve.adapters import UnknownAdapter
+from loratag.serve.pool import AdapterPool
 from loratag.serve.watch import Watcher, complete_safetensors, fingerprint
 from loratag.train import train
 
@@ -209,7 +210,7 @@ def test_watch_thread_picks_up_a_run_within_seconds(trained, expected, tmp_path)
 
 
 def _base_of(run: Path) -> Path:
-    from loratag.serve.pool import base_of
+    from loratag.serve.adapters import base_of
 
     return Path(base_of(run))
 

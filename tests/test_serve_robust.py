@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from loratag.config import ServeSettings
+from loratag.serve.adapters import split_biases
 from loratag.serve.batcher import Batcher
-from loratag.serve.pool import AdapterPool, split_biases
+from loratag.serve.pool import AdapterPool
 from loratag.tagger import Tagger
 from loratag.train import train
 

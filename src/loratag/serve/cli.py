@@ -100,8 +100,9 @@ def run(args) -> None:
     except ImportError:
         raise ValueError("loratag serve needs FastAPI and uvicorn: pip install 'loratag[serve]'") from None
     from ..labels import LabelSet
+    from .adapters import base_of, parse_runs
     from .app import default_workers, serve
-    from .pool import AdapterPool, base_of, parse_runs
+    from .pool import AdapterPool
     from .watch import Watcher, fingerprint
 
     limits = {f.name: getattr(args, f"serve.{f.name}") for f in option_fields(ServeSettings)}

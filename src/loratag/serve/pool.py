@@ -11,124 +11,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from ..labels import LabelSet
 from ..modeling import load_base, load_tokenizer, resolve_model
 from ..precision import device_of
-from ..rundir import ADAPTER, ADAPTER_WEIGHTS, resolve_adapter
 from ..tagger import TaggedDocument, Tagger
 from . import multilora
+from .adapters import Adapter, Failure, UnknownAdapter, describe, describe_runs, load_weights, share
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-HEAD = ("classifier", "score")
-PEFT_NAME = "served"
-
-
-class UnknownAdapter(KeyError):
-    """A request for an adapter this server does not serve (never added, removed, or failed to load)."""
-
-    def __init__(self, name: str, known: list[str], failure: Failure | None = None):
-        super().__init__(name)
-        self.name, self.known, self.failure = name, known, failure
-
-    def __str__(self) -> str:
-        if self.failure is not None:
-            return f"adapter {self.name!r} is not served: it failed to load: {self.failure.error}"
-        return f"unknown adapter {self.name!r}; known: {', '.join(self.known) or 'none'}"
-
-
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    error: str
-    at: float = field(default_factory=time.time)
-
-
-@dataclass
-class Adapter:
-    name: str
-    run: Path
-    labels: LabelSet
-    metrics: dict = field(default_factory=dict)
-    bias: str = "none"
-    adapter_dir: Path | None = None
-    decode: str = "argmax"  # the run's --decode (what it chose its epoch by); argmax for plain PEFT adapters
-
-
-def parse_runs(specs: list[str], runs_dir: Path | None = None, allow_none: bool = False) -> list[tuple[Path, str]]:
-    """``RUN`` or ``RUN:NAME`` arguments (and every run in ``runs_dir``) -> (path, adapter name)."""
-    out = []
-    if runs_dir is not None:
-        if not runs_dir.is_dir():
-            raise FileNotFoundError(f"--runs-dir {runs_dir} is not a directory")
-        out += [(p, p.name) for p in sorted(runs_dir.iterdir()) if (p / ADAPTER).is_dir()]
-        if not out:
-            raise FileNotFoundError(f"--runs-dir {runs_dir}: no run directories (with adapter/) inside")
-    for spec in specs:
-        path, _, name = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
-        out.append((Path(path), name or Path(path).name))
-    if not out and not allow_none:
-        raise ValueError("name at least one run directory to serve (or --runs-dir)")
-    return out
-
-
-def _describe(path: Path, name: str, labels: LabelSet | None, base: str | None) -> tuple[Adapter, str]:
-    """The adapter of a loratag run or a plain PEFT adapter folder (resolved as predict and evaluate resolve it), and
-    the base model it needs."""
-    if not NAME.match(name):
-        raise ValueError(f"{path}: adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
-    ref = resolve_adapter(path, labels, base)
-    if ref.peft_type != "LORA":
-        raise ValueError(f"{path}: a {ref.peft_type} adapter; only LoRA adapters are served")
-    adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode)
-    return adapter, resolve_model(ref.base)
-
-
-def base_of(path: Path, labels: LabelSet | None = None) -> str | None:
-    """The base model a run or adapter needs, or None where it cannot be read."""
-    try:
-        return resolve_model(resolve_adapter(path, labels).base)
-    except Exception:
-        return None
-
-
-def split_biases(
-    state: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An adapter file's tensors -> (what PEFT loads: the LoRA matrices; the trained biases of the base's modules,
-    by module name; the classifier head's own weight and bias). PEFT saves bias "all" / "lora_only" biases under the
-    base model's own names (``base_model.model.bert...query.base_layer.bias``); loaded by PEFT they would overwrite
-    the shared base. The head is kept apart too: adapters of one server may have heads of different sizes (their own
-    label sets), which PEFT's copies of one base head cannot hold."""
-    peft, biases, head = {}, {}, {}
-    for key, value in state.items():
-        name = key.removeprefix("base_model.model.")
-        in_head = name.split(".")[0] in HEAD
-        if in_head and (".modules_to_save." in name or ".original_module." in name):
-            continue  # copies that bias "all" saves beside the head's own bias; PEFT ignores them on load too
-        if in_head and "lora_" not in key:
-            head[name] = value
-        elif key.endswith(".bias") and "lora_" not in key:
-            biases[name.removesuffix(".bias").replace(".base_layer", "")] = value
-        else:
-            peft[key] = value
-    return peft, biases, head
-
-
-def _share(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with ``model`` (no tensor copied): PEFT
-    wraps a copy's modules to load an adapter, while the served model goes on answering."""
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 class AdapterPool:
@@ -171,15 +66,7 @@ class AdapterPool:
         self._snapshot: tuple[multilora.Stack | None, dict[str, Adapter]] = (None, {})
         self._lock = threading.RLock()
         self._local = threading.local()
-        described = []
-        for path, name in runs:
-            adapter, needed = _describe(Path(path), name, labels, base)
-            if name in {a.name for a, _ in described}:
-                raise ValueError(f"{path}: adapter name {name!r} is used twice; name it with RUN:NAME")
-            if described and needed != described[0][1]:
-                other = described[0][0].run
-                raise ValueError(f"{path}: base model {needed!r} differs from {other}'s; one server, one base")
-            described.append((adapter, needed))
+        described = describe_runs(runs, labels, base)
         if not described and base is None and first_base is None:
             raise ValueError("no run to serve yet: name the base model every run will share with --base")
         self.base_name = described[0][1] if described else resolve_model(base or first_base)
@@ -187,14 +74,8 @@ class AdapterPool:
         if self.merged:
             self._serve_merged(described[0][0], device, batch_size, precision, quantize)
             return
-        first_labels = described[0][0].labels if described else LabelSet(("O",))  # the head is each adapter's own
-        model = load_base(self.base_name, first_labels).to(device_of(device)).eval().requires_grad_(False)
-        self._skeleton = _share(model)  # never wrapped: each adapter is loaded onto a copy of it
-        self.model = multilora.MultiLoraModel(model).eval()  # Tagger restores the mode it finds: eval, for threads
-        self.tagger = Tagger(
-            self.model, load_tokenizer(self.base_name), first_labels, batch_size=batch_size, device=device_of(device),
-            precision=precision,
-        )  # fmt: skip
+        labels0 = described[0][0].labels if described else LabelSet(("O",))  # the head is each adapter's own
+        self._skeleton, self.model, self.tagger = shared_base(self.base_name, labels0, device, batch_size, precision)
         try:
             for adapter, _ in described:
                 self._commit(adapter, self._load(adapter), keep={adapter.name})
@@ -213,10 +94,8 @@ class AdapterPool:
     def _serve_merged(self, only: Adapter, device, batch_size: int, precision: str, quantize: str | None) -> None:
         """One adapter merged into its base (the path of predict): for int8 (ONNX Runtime), and for an adapter the
         stacked path does not cover (DoRA, ...). The adapter is fixed until the server stops."""
-        self.tagger = Tagger.load(
-            only.run, labels=self.labels, device=device, quantize=quantize, base=self.user_base,
-            batch_size=batch_size, precision=precision,
-        )  # fmt: skip
+        kw = {"device": device, "batch_size": batch_size, "precision": precision, "base": self.user_base}
+        self.tagger = Tagger.load(only.run, labels=self.labels, quantize=quantize, **kw)
         self.adapters, self.merged, self.model = {only.name: only}, True, None
         how = "in int8 (merged, ONNX Runtime)" if quantize else "merged into its base (it cannot be stacked)"
         log.info("serving %s on %s %s", only.name, self.base_name, how)
@@ -224,38 +103,8 @@ class AdapterPool:
     # -- loading ---------------------------------------------------------------------------------------------
 
     def _load(self, a: Adapter) -> multilora.AdapterWeights:
-        """One adapter's tensors, read through PEFT onto a copy of the base that shares its weights (so every PEFT
-        rule of names and scaling applies), checked, then kept apart from any model."""
-        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         start = time.perf_counter()
-        cfg = PeftConfig.from_pretrained(str(a.adapter_dir))
-        cfg.bias, cfg.inference_mode = "none", True  # its biases are applied per row, not written into the base
-        peft_state, own, head = split_biases(load_file(a.adapter_dir / ADAPTER_WEIGHTS))
-        weight = next((v for k, v in head.items() if k.endswith(".weight")), None)
-        bias = next((v for k, v in head.items() if k.endswith(".bias")), None)
-        if weight is None or bias is None or weight.shape[0] != len(a.labels):
-            raise ValueError(f"{a.run}: the adapter file lacks a classifier head for its {len(a.labels)} labels")
-        own_params = dict(self._skeleton.named_parameters())
-        for key in head:  # PEFT expects its head copy filled: the base's own head; the adapter's stays apart
-            if key not in own_params:
-                raise ValueError(f"{a.run}: a classifier head {key!r} the base model does not have")
-            peft_state["base_model.model." + key] = own_params[key]
-        unknown = [m for m in own if m not in dict(self._skeleton.named_modules())]
-        if unknown:
-            raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
-        # one fixed PEFT name for the copy: a user's name may hold '.' (not a module key) or lie inside "lora_"
-        model = get_peft_model(_share(self._skeleton), cfg, adapter_name=PEFT_NAME)
-        result = set_peft_model_state_dict(model, peft_state, adapter_name=PEFT_NAME)
-        mine = [f"{kind}.{PEFT_NAME}" for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")]
-        missing = [k for k in result.missing_keys if any(m in k for m in mine)]
-        if missing:
-            raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
-        device = own_params[next(iter(head))].device
-        weights = multilora.weights_of(
-            model, PEFT_NAME, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device)), a.name
-        )
+        weights = load_weights(self._skeleton, a)
         self._emit("load", a.name, time.perf_counter() - start)
         return weights
 
@@ -299,7 +148,7 @@ class AdapterPool:
         if self.merged:
             raise ValueError("this server's one adapter is merged into its base (int8, or not stackable): fixed")
         try:
-            adapter, needed = _describe(Path(path), name, self.labels, self.user_base)
+            adapter, needed = describe(Path(path), name, self.labels, self.user_base)
             if needed != self.base_name:
                 raise ValueError(f"{path}: base model {needed!r}; this server's base is {self.base_name!r}")
             self._commit(adapter, self._load(adapter), keep={name})
@@ -360,39 +209,50 @@ class AdapterPool:
 
     # -- tagging ---------------------------------------------------------------------------------------------
 
-    def _thread_tagger(self) -> Tagger:
-        """Worker threads share the model but each gets its own tokenizer: a fast tokenizer's Rust state is
-        not safe to use from two threads at once ("Already borrowed")."""
-        tagger = getattr(self._local, "tagger", None)
-        if tagger is None or tagger.model is not self.tagger.model:
-            tagger = copy.copy(self.tagger)
-            tagger.tokenizer = copy.deepcopy(self.tagger.tokenizer)
-            self._local.tagger = tagger
-        return tagger
-
     def tag(self, adapters: list[str], texts: list[str]) -> list[TaggedDocument]:
         """One forward pass (in sorted batches) over texts of any adapters; threads may call it side by side.
         Raises UnknownAdapter for a name not served."""
+        tagger, names = thread_copy(self.tagger, self._local), set(adapters)
         if self.merged:  # that one adapter already
-            for n in adapters:
-                if n not in self.adapters:
-                    raise UnknownAdapter(n, list(self.adapters))
-            return self._thread_tagger().tag_documents(texts)
-        names = list(dict.fromkeys(adapters))
-        cap = self.max_adapters or len(names)
-        if len(names) > cap:  # more adapters than may be stacked: a batch per group of them
-            out: list = [None] * len(texts)
-            for i in range(0, len(names), cap):
-                group = set(names[i : i + cap])
-                rows = [j for j, a in enumerate(adapters) if a in group]
-                for j, doc in zip(rows, self.tag([adapters[j] for j in rows], [texts[j] for j in rows])):
-                    out[j] = doc
-            return out
-        stack, served = self._ready(set(names))
+            if names - set(self.adapters):
+                raise UnknownAdapter(min(names - set(self.adapters)), list(self.adapters))
+            return tagger.tag_documents(texts)
+        if self.max_adapters and len(names) > self.max_adapters:  # more than may be stacked: a group at a time
+            return in_groups(self.tag, adapters, texts, self.max_adapters)
+        stack, served = self._ready(names)
         with self.model.pinned(stack):
-            return self._thread_tagger().tag_documents(
-                texts,
-                adapters=adapters,
-                label_sets=[served[a].labels for a in adapters],
-                decodes=[served[a].decode for a in adapters],
-            )
+            labels, decodes = [served[a].labels for a in adapters], [served[a].decode for a in adapters]
+            return tagger.tag_documents(texts, adapters=adapters, label_sets=labels, decodes=decodes)
+
+
+def shared_base(base: str, labels: LabelSet, device, batch_size: int, precision: str):
+    """The base model every adapter shares: (a copy never wrapped, onto which adapters are loaded; the served
+    model; its Tagger)."""
+    model = load_base(base, labels).to(device_of(device)).eval().requires_grad_(False)
+    skeleton = share(model)  # shares every tensor: no copy of the weights
+    served = multilora.MultiLoraModel(model).eval()  # Tagger restores the mode it finds: eval, for threads
+    kw = {"batch_size": batch_size, "device": device_of(device), "precision": precision}
+    return skeleton, served, Tagger(served, load_tokenizer(base), labels, **kw)
+
+
+def thread_copy(tagger: Tagger, local: threading.local) -> Tagger:
+    """This thread's copy of ``tagger``: worker threads share the model but each gets its own tokenizer, since a
+    fast tokenizer's Rust state is not safe to use from two threads at once ("Already borrowed")."""
+    mine = getattr(local, "tagger", None)
+    if mine is None or mine.model is not tagger.model:
+        mine = copy.copy(tagger)
+        mine.tokenizer = copy.deepcopy(tagger.tokenizer)
+        local.tagger = mine
+    return mine
+
+
+def in_groups(tag, adapters: list[str], texts: list[str], size: int) -> list[TaggedDocument]:
+    """``tag`` over the texts of ``size`` adapters at a time, the answers in the texts' order."""
+    names = list(dict.fromkeys(adapters))
+    out: list = [None] * len(texts)
+    for i in range(0, len(names), size):
+        group = set(names[i : i + size])
+        rows = [j for j, a in enumerate(adapters) if a in group]
+        for j, doc in zip(rows, tag([adapters[j] for j in rows], [texts[j] for j in rows])):
+            out[j] = doc
+    return out
