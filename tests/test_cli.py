@@ -271,3 +271,30 @@ def test_every_command_accepts_what_it_accepted_before_the_reshape():
         ["--train", "--validation", "--test", "--data-format", "--validation-fraction", "--types", "--type-map",
          "--overlaps", "--discontinuous"]
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--watch"], {}, "--watch watches --runs-dir: name the folder with --runs-dir DIR"),
+        (["--allow-root", "/no/such/dir"], {}, "--allow-root /no/such/dir is not a directory"),
+        (["--watch-interval", "0", "--runs-dir", "."], {}, "--watch-interval must be > 0 seconds, got 0.0"),
+        ([], {"LORATAG_API_KEY": "short"}, "$LORATAG_API_KEY: a key must be at least 16 characters, without spaces"),
+        (["--quantize", "int8", "--max-adapters", "2"], {}, "--quantize int8 serves one merged adapter"),
+    ],
+)
+def test_serve_refuses_bad_dynamic_settings_in_one_line(capsys, tmp_path, monkeypatch, args, env, message):
+    pytest.importorskip("fastapi")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = run(capsys, "serve", tmp_path, *args)
+    assert code == 2 and err.strip().startswith(f"loratag serve: error: {message}"), err
+    assert all(v not in err for v in env.values())  # a key's value is never printed
+
+
+def test_serve_help_names_the_dynamic_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--watch", "--allow-root", "--max-adapters", "--pin", "--api-key-file", "LORATAG_API_KEY"):
+        assert flag in out

@@ -144,7 +144,7 @@ def run(args) -> None:
         except Exception:  # listed by the pool with its error; the others load
             pass
     unknown_pins = [n for n in args.pin if n not in pool.adapters]
-    if unknown_pins and not args.watch:
+    if unknown_pins and not (args.watch or args.allow_root):
         raise ValueError(f"--pin {unknown_pins[0]}: no such adapter; served: {', '.join(pool.adapters)}")
     watcher = None
     if args.watch:
