@@ -329,3 +329,32 @@ def test_page_lists_adapters_as_they_come_and_go(trained, keyed):
         page.wait_for_selector("#adapter option[value=late]", state="detached", timeout=10_000)
         browser.close()
     assert "ready: DNA" in listed
+
+
+def test_a_removed_adapter_answers_the_requests_it_accepted_first(trained, expected, monkeypatch):
+    pool = AdapterPool([(trained["a"], "a"), (trained["dna"], "dna")], dynamic=True)
+    entered, release = threading.Event(), threading.Event()
+    real = pool.tag
+
+    def held(adapters, texts):
+        if "a" in adapters:
+            entered.set()
+            release.wait(60)
+        return real(adapters, texts)
+
+    monkeypatch.setattr(pool, "tag", held)
+    app, _ = create_app(pool, ServeSettings(wait_ms=0, workers=2))
+    with TestClient(app) as c, ThreadPoolExecutor(2) as ex:
+        first = ex.submit(c.post, "/v1/tag", json={"adapter": "a", "texts": TEXTS})
+        assert entered.wait(60)
+        removing = ex.submit(pool.remove, "a")
+        deadline = time.monotonic() + 30
+        while "a" not in pool._draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = c.post("/v1/tag", json={"adapter": "a", "text": "IL-2"})
+        assert later.status_code == 404 and not removing.done()  # refused; the accepted one still waits
+        assert c.post("/v1/tag", json={"adapter": "dna", "texts": TEXTS}).status_code == 200  # others go on
+        release.set()
+        assert first.result().status_code == 200 and removing.result() is True
+    same(first.result().json()["results"], expected["a"])
+    assert "a" not in pool.adapters

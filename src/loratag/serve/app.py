@@ -62,10 +62,6 @@ def add_tag_route(app, pool: AdapterPool, batcher: Batcher, settings: ServeSetti
         # per-adapter series only for names the server knows: a client cannot grow them without bound
         series = req.adapter if req.adapter in metrics.names else "unknown"
         try:
-            if req.adapter not in pool.adapters:
-                raise HTTPException(
-                    404, str(UnknownAdapter(req.adapter, list(pool.adapters), pool.failed.get(req.adapter)))
-                )
             texts = _within_limits(req, settings)
             words = await asyncio.to_thread(lambda: sum(count_words(t) for t in texts))
             if words > settings.max_words:
@@ -73,10 +69,11 @@ def add_tag_route(app, pool: AdapterPool, batcher: Batcher, settings: ServeSetti
                     413, f"{words} words in this request; the limit is {settings.max_words} (--max-words)"
                 )
             try:
-                docs = await batcher.submit(req.adapter, texts)
+                with pool.hold(req.adapter):  # a removal waits for this request's answer
+                    docs = await batcher.submit(req.adapter, texts)
             except QueueFull:
                 raise HTTPException(503, "the server is busy; retry shortly", headers={"Retry-After": "1"}) from None
-            except UnknownAdapter as e:  # removed, or failed to load, after the request came in
+            except UnknownAdapter as e:  # not served, being removed, or failed to load when its batch ran
                 raise HTTPException(404, str(e)) from None
             status = 200
             # A ready response: FastAPI would otherwise validate the dicts again against TagResponse (the schema

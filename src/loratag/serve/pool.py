@@ -9,6 +9,7 @@ kept apart and applied per row by multilora.py; the base's own biases are never 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -65,6 +66,9 @@ class AdapterPool:
         self._resident: OrderedDict[str, multilora.AdapterWeights] = OrderedDict()  # stacked, least recent first
         self._snapshot: tuple[multilora.Stack | None, dict[str, Adapter]] = (None, {})
         self._lock = threading.RLock()
+        self._inflight: dict[str, int] = {}  # accepted requests not yet answered, by adapter
+        self._draining: set[str] = set()  # being removed: no new requests
+        self._drained = threading.Condition(self._lock)
         self._local = threading.local()
         described = describe_runs(runs, labels, base)
         if not described and base is None and first_base is None:
@@ -161,11 +165,34 @@ class AdapterPool:
         log.info("serving adapter %s from %s (bias %s, %d labels)", name, path, adapter.bias, len(adapter.labels))
         return adapter
 
-    def remove(self, name: str) -> bool:
-        """Stop serving ``name`` (passes in progress finish with it); False if it was neither served nor failed."""
+    @contextlib.contextmanager
+    def hold(self, name: str):
+        """A request for ``name`` in flight (from its acceptance to its answer): ``remove`` waits for it. Raises
+        UnknownAdapter where ``name`` is not served, or is being removed."""
+        with self._lock:
+            if name not in self.adapters or name in self._draining:
+                raise UnknownAdapter(name, list(self.adapters), self.failed.get(name))
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight[name] -= 1
+                if not self._inflight[name]:
+                    del self._inflight[name]
+                    self._drained.notify_all()
+
+    def remove(self, name: str, wait: float = 30.0) -> bool:
+        """Stop serving ``name``: requests for it are refused from now on, those already accepted (``hold``) are
+        answered first, for up to ``wait`` seconds. False if it was neither served nor failed."""
         if self.merged:
             raise ValueError("this server's one adapter is merged into its base (int8, or not stackable): fixed")
         with self._lock:
+            if name in self.adapters:
+                self._draining.add(name)
+                if not self._drained.wait_for(lambda: name not in self._inflight, timeout=wait):
+                    log.warning("adapter %s removed with requests still in flight after %.0f s", name, wait)
+                self._draining.discard(name)
             known = self.failed.pop(name, None) is not None
             if name in self.adapters:
                 adapters = {n: a for n, a in self.adapters.items() if n != name}
