@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_facts, emit, matmul_peak  # noqa: E402
-from bench_serve import in_child, make_runs, stop  # noqa: E402
+from bench_serve import make_runs, stop  # noqa: E402
 
 ADMIN = "bench-admin-key-0123456789"
 
@@ -69,6 +69,18 @@ def start(args: list[str], env: dict | None = None):
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; log: {log.name}")
     raise SystemExit("server did not start")
+
+
+def in_child(flag: str, spec: dict) -> dict:
+    """Run this script with ``flag SPEC.json`` in a fresh process (the clients: their work stays out of the server's
+    process and this one's); its last stdout line is a JSON object."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    out = subprocess.run([sys.executable, __file__, flag, f.name], capture_output=True, text=True, check=True)
+    Path(f.name).unlink()
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def metric(text: str, name: str) -> float:
@@ -281,8 +293,9 @@ def memory(a, texts: list[str]) -> dict:
     out = {"phase": "memory", "adapters": 20}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "runs"
-        runs = make_runs(a.runs[0], 20, d)
-        names = [r.name for r in runs]
+        runs = make_runs(a.runs[0], 20, d)  # the run itself and 19 random adapters beside it in d
+        shutil.copytree(runs[0], d / runs[0].name)
+        names = sorted(p.name for p in d.iterdir())
         for arm, extra in (("max4", ["--max-adapters", "4"]), ("all", [])):
             proc, url, _ = start(["--runs-dir", str(d), *extra])
             start_rss = vm(proc.pid, "VmRSS")
@@ -305,6 +318,7 @@ def memory(a, texts: list[str]) -> dict:
                 "peak_rss_mib": vm(proc.pid, "VmHWM"),
                 "rss_last_mib": samples[-1] if samples else None,
                 "rss_max_sampled_mib": max(samples) if samples else None,
+                "rss_every_5s_mib": samples[::10],
                 "stacked_at_end": metric(metrics, "loratag_adapters_stacked"),
                 "loads": metric(metrics, "loratag_adapter_load_seconds_count"),
                 "load_seconds_mean": round(

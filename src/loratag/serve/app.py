@@ -6,9 +6,11 @@ settings' defaults live in config.ServeSettings only; the CLI reads its flags an
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -184,12 +186,26 @@ def share_cores(pool: AdapterPool, workers: int) -> None:
         torch.set_num_threads(max(1, cpu_cores() // workers))
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads that allocate their own malloc arenas (up to 8 per core); a server whose worker threads
+    load and drop adapters (--max-adapters) then keeps freed memory spread over many arenas and its RSS creeps up
+    (docs/serving.md has the measurement). Two arenas keep it flat. Left alone where MALLOC_ARENA_MAX is set (glibc
+    has read it) or the C library is not glibc. Process-wide, so called by ``serve`` only."""
+    if os.environ.get("MALLOC_ARENA_MAX") or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(pool: AdapterPool, host: str, port: int, settings: ServeSettings, **app_kw) -> None:
     """Serve until interrupted (``app_kw``: create_app's keys, allowed roots and watcher)."""
     import torch
     import uvicorn
 
     share_cores(pool, settings.workers)
+    limit_malloc_arenas()
     log.info("%d worker(s), %d torch thread(s) each", settings.workers, torch.get_num_threads())
     if host not in ("127.0.0.1", "localhost", "::1") and not app_kw.get("user_keys"):
         log.warning("serving on %s without an API key: anyone who reaches the port can use every adapter "
