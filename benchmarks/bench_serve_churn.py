@@ -149,6 +149,14 @@ def churn_client(spec: dict) -> dict:
                         results = r.json()["results"]
                         if not any(all(matches(g, ver[j]) for g, j in zip(results, idx)) for ver in allowed):
                             s["mismatch"] += 1
+                        if "next" in plan[adapter]:  # which version answered: the switch happened, and when
+                            old = all(matches(g, expected[plan[adapter]["version"]][j]) for g, j in zip(results, idx))
+                            new = all(matches(g, expected[plan[adapter]["next"]][j]) for g, j in zip(results, idx))
+                            if old != new:
+                                key = "old_version" if old else "new_version"
+                                s[key] = s.get(key, 0) + 1
+                                if new:
+                                    first_ok.setdefault(adapter + "@new", sent_at)
                     elif status == 404 and plan[adapter]["may_404"]:
                         s["404"] += 1
                     else:
@@ -269,6 +277,9 @@ def churn(a, texts: list[str]) -> dict:
     out = {"phase": "churn", **client}
     out["new_first_answer_after_copy_s"] = round(
         client["first_200_at"].get("new", float("nan")) - events["new_copied"], 2
+    )
+    out["bionlp_new_version_first_after_replace_s"] = round(
+        client["first_200_at"].get("bionlp@new", float("nan")) - events["bionlp_replaced"], 2
     )
     out["posted"] = events["posted"]
     out["posted_deleted"] = events["posted_deleted"]["status"]

@@ -9,7 +9,7 @@ from .pool import AdapterPool
 from .schemas import AdapterOut, AdaptersResponse, AddAdapter
 
 
-def describe(a, status: str = "ready", error: str | None = None) -> dict:
+def adapter_json(a, status: str = "ready", error: str | None = None) -> dict:
     return {
         "name": a.name, "status": status, "labels": list(a.labels.labels), "bias": a.bias, "decode": a.decode,
         "metrics": a.metrics, "error": error,
@@ -21,7 +21,7 @@ def listing(pool: AdapterPool) -> list[dict]:
     out = []
     for name, a in pool.adapters.items():
         error = failed[name].error if name in failed else None
-        out.append(describe(a, "ready" if name in resident else "idle", error))
+        out.append(adapter_json(a, "ready" if name in resident else "idle", error))
     out += [{"name": n, "status": "failed", "error": f.error} for n, f in failed.items() if n not in pool.adapters]
     return out
 
@@ -78,7 +78,7 @@ def add_routes(app, pool: AdapterPool, allow_roots: list[Path]) -> None:
             adapter = await asyncio.to_thread(pool.add, req.name, path)
         except Exception as e:
             raise HTTPException(422, f"{req.name} failed to load: {type(e).__name__}: {e}") from None
-        return describe(adapter, "ready" if req.name in pool.resident() else "idle")
+        return adapter_json(adapter, "ready" if req.name in pool.resident() else "idle")
 
     @app.delete("/v1/adapters/{name}", status_code=204, responses={**admin, 404: {"description": "unknown adapter"}})
     async def remove_adapter(name: str):
