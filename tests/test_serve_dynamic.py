@@ -349,7 +349,7 @@ def test_a_removed_adapter_answers_the_requests_it_accepted_first(trained, expec
         assert entered.wait(60)
         removing = ex.submit(pool.remove, "a")
         deadline = time.monotonic() + 30
-        while "a" not in pool._draining and time.monotonic() < deadline:
+        while "a" not in pool._inflight.draining and time.monotonic() < deadline:
             time.sleep(0.01)
         later = c.post("/v1/tag", json={"adapter": "a", "text": "IL-2"})
         assert later.status_code == 404 and not removing.done()  # refused; the accepted one still waits

@@ -59,16 +59,12 @@ class AdapterPool:
             )
         if max_adapters is not None and max_adapters < 1:
             raise ValueError(f"--max-adapters must be at least 1, got {max_adapters}")
-        self.labels, self.user_base, self.max_adapters, self.pins = labels, base, max_adapters, set(pins)
+        self.labels, self.user_base, self.max_adapters = labels, base, max_adapters
         self.adapters: dict[str, Adapter] = {}  # served; replaced whole on every change, so readers may iterate
         self.failed: dict[str, Failure] = {}
         self.listeners: list = []  # f(event, name, seconds): "load", "evict", "fail"
-        self._resident: OrderedDict[str, multilora.AdapterWeights] = OrderedDict()  # stacked, least recent first
-        self._snapshot: tuple[multilora.Stack | None, dict[str, Adapter]] = (None, {})
         self._lock = threading.RLock()
-        self._inflight: dict[str, int] = {}  # accepted requests not yet answered, by adapter
-        self._draining: set[str] = set()  # being removed: no new requests
-        self._drained = threading.Condition(self._lock)
+        self._inflight = InFlight(self._lock)
         self._local = threading.local()
         described = describe_runs(runs, labels, base)
         if not described and base is None and first_base is None:
@@ -80,6 +76,7 @@ class AdapterPool:
             return
         labels0 = described[0][0].labels if described else LabelSet(("O",))  # the head is each adapter's own
         self._skeleton, self.model, self.tagger = shared_base(self.base_name, labels0, device, batch_size, precision)
+        self._stacked = Stacked(self.model, max_adapters, set(pins))
         try:
             for adapter, _ in described:
                 self._commit(adapter, self._load(adapter), keep={adapter.name})
@@ -112,6 +109,16 @@ class AdapterPool:
         self._emit("load", a.name, time.perf_counter() - start)
         return weights
 
+    def _failure(self, name: str, path, error: Exception) -> None:
+        log.warning("adapter %s (%s) failed to load: %s", name, path, error)
+        with self._lock:
+            self.failed[name] = Failure(str(path), f"{type(error).__name__}: {error}")
+        self._emit("fail", name)
+
+    def _changeable(self) -> None:
+        if self.merged:
+            raise ValueError("this server's one adapter is merged into its base (int8, or not stackable): fixed")
+
     def _emit(self, event: str, name: str, seconds: float = 0.0) -> None:
         for listener in self.listeners:
             listener(event, name, seconds)
@@ -120,83 +127,52 @@ class AdapterPool:
         """Serve ``adapter`` with ``weights`` (replacing one of the same name), evicting the least recently used
         adapters beyond ``max_adapters`` (not pinned, not in ``keep``): all or nothing."""
         with self._lock:
-            resident = OrderedDict(self._resident)
-            resident.pop(adapter.name, None)
-            resident[adapter.name] = weights
-            over = len(resident) - self.max_adapters if self.max_adapters else 0
-            victims = [n for n in resident if n not in self.pins and n not in keep][: max(0, over)]
-            for name in victims:
-                del resident[name]
             adapters = {**self.adapters, adapter.name: adapter}
-            self._install(resident, adapters)
+            victims = self._stacked.put(adapter.name, weights, keep, adapters)
             self.adapters = adapters
             self.failed.pop(adapter.name, None)
         for name in victims:
             log.info("evicted adapter %s (least recently used; --max-adapters %d)", name, self.max_adapters)
             self._emit("evict", name)
 
-    def _install(self, resident: OrderedDict, adapters: dict[str, Adapter]) -> None:
-        names = list(resident)
-        stack = multilora.stack(names, list(resident.values()), self.model.model) if names else None
-        if stack is not None:
-            self.model.install(stack)
-        else:
-            self.model.stack = None
-        self._resident, self._snapshot = resident, (stack, {n: adapters[n] for n in names})
-
     # -- adapters that come and go ---------------------------------------------------------------------------
 
     def add(self, name: str, path: Path) -> Adapter:
         """Serve the run or adapter at ``path`` as ``name`` (replacing one of that name at once, after the new one
         has loaded). A failure is recorded (``failed``, listed by the server) and raised; nothing else changes."""
-        if self.merged:
-            raise ValueError("this server's one adapter is merged into its base (int8, or not stackable): fixed")
+        self._changeable()
         try:
             adapter, needed = describe(Path(path), name, self.labels, self.user_base)
             if needed != self.base_name:
                 raise ValueError(f"{path}: base model {needed!r}; this server's base is {self.base_name!r}")
             self._commit(adapter, self._load(adapter), keep={name})
         except Exception as e:
-            log.warning("adapter %s (%s) failed to load: %s", name, path, e)
-            with self._lock:
-                self.failed[name] = Failure(str(path), f"{type(e).__name__}: {e}")
-            self._emit("fail", name)
+            self._failure(name, path, e)
             raise
         log.info("serving adapter %s from %s (bias %s, %d labels)", name, path, adapter.bias, len(adapter.labels))
         return adapter
 
-    @contextlib.contextmanager
     def hold(self, name: str):
-        """A request for ``name`` in flight (from its acceptance to its answer): ``remove`` waits for it. Raises
-        UnknownAdapter where ``name`` is not served, or is being removed."""
-        with self._lock:
-            if name not in self.adapters or name in self._draining:
+        """A request for ``name`` in flight (from its acceptance to its answer; a context manager): ``remove`` waits
+        for it. Raises UnknownAdapter where ``name`` is not served, or is being removed."""
+
+        def admit():
+            if name not in self.adapters or name in self._inflight.draining:
                 raise UnknownAdapter(name, list(self.adapters), self.failed.get(name))
-            self._inflight[name] = self._inflight.get(name, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._inflight[name] -= 1
-                if not self._inflight[name]:
-                    del self._inflight[name]
-                    self._drained.notify_all()
+
+        return self._inflight.hold(name, admit)
 
     def remove(self, name: str, wait: float = 30.0) -> bool:
         """Stop serving ``name``: requests for it are refused from now on, those already accepted (``hold``) are
         answered first, for up to ``wait`` seconds. False if it was neither served nor failed."""
-        if self.merged:
-            raise ValueError("this server's one adapter is merged into its base (int8, or not stackable): fixed")
+        self._changeable()
         with self._lock:
-            if name in self.adapters:
-                self._draining.add(name)
-                if not self._drained.wait_for(lambda: name not in self._inflight, timeout=wait):
-                    log.warning("adapter %s removed with requests still in flight after %.0f s", name, wait)
-                self._draining.discard(name)
+            if name in self.adapters and not self._inflight.drain(name, wait):
+                log.warning("adapter %s removed with requests still in flight after %.0f s", name, wait)
             known = self.failed.pop(name, None) is not None
             if name in self.adapters:
                 adapters = {n: a for n, a in self.adapters.items() if n != name}
-                self._install(OrderedDict((n, w) for n, w in self._resident.items() if n != name), adapters)
+                self._stacked.drop(name, adapters)
                 self.adapters, known = adapters, True
         if known:
             log.info("stopped serving adapter %s", name)
@@ -205,7 +181,7 @@ class AdapterPool:
     def resident(self) -> list[str]:
         """The stacked adapters, least recently used first."""
         with self._lock:
-            return list(self._resident)
+            return list(self._stacked.weights) if not self.merged else list(self.adapters)
 
     def _ready(self, names: set[str]) -> tuple[multilora.Stack, dict[str, Adapter]]:
         """A stack holding every adapter of ``names``, loading those evicted (a cold load: it fails that adapter
@@ -215,20 +191,17 @@ class AdapterPool:
                 for n in names:
                     if n not in self.adapters:
                         raise UnknownAdapter(n, list(self.adapters), self.failed.get(n))
-                missing = [n for n in names if n not in self._resident]
+                missing = [n for n in names if n not in self._stacked.weights]
                 if not missing:
-                    for n in names:
-                        self._resident.move_to_end(n)
-                    return self._snapshot
+                    return self._stacked.use(names)
                 adapter = self.adapters[missing[0]]
             try:
                 weights = self._load(adapter)
             except Exception as e:
                 with self._lock:
-                    if self.adapters.get(adapter.name) is adapter:
+                    if self.adapters.get(adapter.name) is adapter:  # no longer served: listed as failed
                         self.adapters = {n: a for n, a in self.adapters.items() if n != adapter.name}
-                        self.failed[adapter.name] = Failure(str(adapter.run), f"{type(e).__name__}: {e}")
-                self._emit("fail", adapter.name)
+                self._failure(adapter.name, adapter.run, e)
                 raise UnknownAdapter(adapter.name, [], self.failed.get(adapter.name)) from e
             with self._lock:
                 if self.adapters.get(adapter.name) is adapter:  # not replaced or removed meanwhile
@@ -250,6 +223,76 @@ class AdapterPool:
         with self.model.pinned(stack):
             labels, decodes = [served[a].labels for a in adapters], [served[a].decode for a in adapters]
             return tagger.tag_documents(texts, adapters=adapters, label_sets=labels, decodes=decodes)
+
+
+class Stacked:
+    """Which adapters are stacked in the served model, least recently used first, at most ``limit`` (``pins`` never
+    evicted); the stack and the adapters it was built for, replaced together. The pool's lock guards it."""
+
+    def __init__(self, model: multilora.MultiLoraModel, limit: int | None, pins: set[str]):
+        self.model, self.limit, self.pins = model, limit, pins
+        self.weights: OrderedDict[str, multilora.AdapterWeights] = OrderedDict()
+        self.snapshot: tuple[multilora.Stack | None, dict[str, Adapter]] = (None, {})
+
+    def put(self, name: str, weights, keep: set[str], adapters: dict[str, Adapter]) -> list[str]:
+        """Stack ``name`` (most recent), evicting beyond the limit what is not pinned or in ``keep``: the evicted."""
+        stacked = OrderedDict((n, w) for n, w in self.weights.items() if n != name)
+        stacked[name] = weights
+        over = len(stacked) - self.limit if self.limit else 0
+        victims = [n for n in stacked if n not in self.pins and n not in keep][: max(0, over)]
+        self._install(OrderedDict((n, w) for n, w in stacked.items() if n not in victims), adapters)
+        return victims
+
+    def drop(self, name: str, adapters: dict[str, Adapter]) -> None:
+        self._install(OrderedDict((n, w) for n, w in self.weights.items() if n != name), adapters)
+
+    def use(self, names: set[str]) -> tuple[multilora.Stack, dict[str, Adapter]]:
+        for n in names:
+            self.weights.move_to_end(n)
+        return self.snapshot
+
+    def _install(self, stacked: OrderedDict, adapters: dict[str, Adapter]) -> None:
+        """Build the stack first (it may raise Unstackable: nothing changed), then serve it."""
+        names = list(stacked)
+        stack = multilora.stack(names, list(stacked.values()), self.model.model) if names else None
+        if stack is not None:
+            self.model.install(stack)
+        else:
+            self.model.stack = None
+        self.weights, self.snapshot = stacked, (stack, {n: adapters[n] for n in names})
+
+
+class InFlight:
+    """Requests accepted and not yet answered, by adapter, under the pool's lock; ``drain`` waits for an adapter's
+    to end while refusing new ones."""
+
+    def __init__(self, lock: threading.RLock):
+        self.count: dict[str, int] = {}
+        self.draining: set[str] = set()
+        self._changed = threading.Condition(lock)
+
+    @contextlib.contextmanager
+    def hold(self, name: str, admit):
+        with self._changed:
+            admit()  # raises to refuse; checked under the same lock as drain
+            self.count[name] = self.count.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.count[name] -= 1
+                if not self.count[name]:
+                    del self.count[name]
+                    self._changed.notify_all()
+
+    def drain(self, name: str, wait: float) -> bool:
+        """Refuse new requests for ``name`` and wait up to ``wait`` s for those in flight; False on a timeout."""
+        with self._changed:
+            self.draining.add(name)
+            try:
+                return self._changed.wait_for(lambda: name not in self.count, timeout=wait)
+            finally:
+                self.draining.discard(name)
 
 
 def shared_base(base: str, labels: LabelSet, device, batch_size: int, precision: str):
