@@ -31,6 +31,8 @@ def test_minilm_train_evaluate_predict(bionlp_slice, tmp_path, capsys):
     assert cfg["model"] == "minilm" and cfg["run"]["trainable_params"] == 693_515
     assert json.loads((run / "labels.json").read_text())["I-RNA"] == 10
     assert 0.0 <= summary["test"]["f1"] <= 1.0
+    m = json.loads((run / "metrics.json").read_text())["test"]
+    assert summary["test"]["untyped_f1"] == m["untyped"]["f1"] >= summary["test"]["f1"]  # typed and untyped printed
     assert main(["predict", str(run), "--words", "--text", "IL-2 gene expression requires NF-kappa B."]) == 0
     words = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines() if line]
     assert words == ["IL-2", "gene", "expression", "requires", "NF-kappa", "B", "."]

@@ -98,7 +98,7 @@ def test_adapters_differ(client, runs):
 def test_adapters_health_metrics(client, runs):
     listed = client.get("/v1/adapters").json()["adapters"]
     assert [a["name"] for a in listed] == [r.name for r in runs]
-    assert listed[0]["labels"][0] == "O" and set(listed[0]["metrics"]) == {"precision", "recall", "f1"}
+    assert listed[0]["labels"][0] == "O" and set(listed[0]["metrics"]) == {"precision", "recall", "f1", "untyped_f1"}
     assert client.get("/healthz").json() == {"status": "ok", "adapters": 3}
     client.post("/v1/tag", json={"adapter": "nope", "text": "x"})
     text = client.get("/metrics").text

@@ -243,6 +243,8 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
     if cfg is not None and (path / METRICS).is_file():
         test = read_json(path / METRICS).get("test")
         metrics = {k: test[k] for k in ("precision", "recall", "f1")} if test else {}
+        if test and "untyped" in test:  # boundary-only F1 beside the typed one, as every score loratag prints
+            metrics["untyped_f1"] = test["untyped"]["f1"]
     return AdapterRef(
         path=path,
         adapter_dir=adapter,

@@ -80,4 +80,6 @@ def run(args) -> None:
     }
     if "test" in metrics:
         summary["test"] = {k: metrics["test"][k] for k in ("precision", "recall", "f1", "accuracy")}
+        if "untyped" in metrics["test"]:  # boundary-only F1 beside the typed one, as the log prints it
+            summary["test"]["untyped_f1"] = metrics["test"]["untyped"]["f1"]
     print(json.dumps(summary))
