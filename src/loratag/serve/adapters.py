@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,6 @@ class UnknownAdapter(KeyError):
 class Failure:
     path: str
     error: str
-    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -153,7 +151,8 @@ def load_weights(skeleton: torch.nn.Module, a: Adapter) -> multilora.AdapterWeig
         if key not in own_params:
             raise ValueError(f"{a.run}: a classifier head {key!r} the base model does not have")
         peft_state["base_model.model." + key] = own_params[key]
-    unknown = [m for m in own if m not in dict(skeleton.named_modules())]
+    modules = {name for name, _ in skeleton.named_modules()}
+    unknown = [m for m in own if m not in modules]
     if unknown:
         raise ValueError(f"{a.run}: biases for modules the base model does not have, e.g. {unknown[0]}")
     # one fixed PEFT name for the copy: a user's name may hold '.' (not a module key) or lie inside "lora_"
@@ -164,7 +163,6 @@ def load_weights(skeleton: torch.nn.Module, a: Adapter) -> multilora.AdapterWeig
     if missing:
         raise ValueError(f"{a.run}: the adapter file lacks {len(missing)} weights, e.g. {missing[0]}")
     device = own_params[next(iter(head))].device
-    weights = multilora.weights_of(
+    return multilora.weights_of(
         model, PEFT_NAME, {k: v.to(device) for k, v in own.items()}, (weight.to(device), bias.to(device)), a.name
     )
-    return weights

@@ -17,7 +17,7 @@ def adapter_json(a, status: str = "ready", error: str | None = None) -> dict:
 
 
 def listing(pool: AdapterPool) -> list[dict]:
-    resident, failed = set(pool.resident()) if not pool.merged else set(pool.adapters), dict(pool.failed)
+    resident, failed = set(pool.resident()), dict(pool.failed)
     out = []
     for name, a in pool.adapters.items():
         error = failed[name].error if name in failed else None

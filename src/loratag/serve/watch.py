@@ -59,9 +59,10 @@ def fingerprint(run: Path) -> tuple | None:
     if not all(_json_ok(p) for p in needed if p.suffix == ".json"):
         return None
     try:
-        return tuple((str(p.relative_to(run)), p.stat().st_size, p.stat().st_mtime_ns) for p in needed)
+        stats = [(str(p.relative_to(run)), p.stat()) for p in needed]
     except OSError:  # removed meanwhile
         return None
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 class Watcher:
