@@ -108,6 +108,14 @@ class TrainConfig:
         "longest input in sub-word tokens, special tokens included; longer sentences are split into "
         "overlapping windows, never truncated (default: the model's limit)",
     )
+    context: int = _opt(
+        0,
+        "--context",
+        "sub-tokens of document context on each side of a sentence (FLERT): each sentence is read with the "
+        "sentences around it in its document (from documents.tsv, -DOCSTART-, or documents read whole), labels "
+        "and loss on the sentence only; evaluate, predict and serve read it the same way. Costs time: a sentence "
+        "of ~40 sub-tokens becomes up to 40 + 2N (0: each sentence alone, as the guide)",
+    )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
     max_train_sentences: int | None = _opt(
         None, "--max-train-sentences", "train on the first N training sentences only (quick runs)"
@@ -172,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"--max-length must be >= 8, got {self.max_length}")
+        if self.context < 0:
+            raise ValueError(f"--context must be >= 0 sub-tokens, got {self.context}")
         if self.max_train_sentences is not None and self.max_train_sentences < 1:
             raise ValueError(f"--max-train-sentences must be >= 1, got {self.max_train_sentences}")
         if self.precision not in PRECISIONS:

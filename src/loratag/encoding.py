@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,16 +105,105 @@ def _assign_owners(spans: list[tuple[int, int]], pos: list[int]) -> list[tuple[i
     return out
 
 
+Context = tuple[Sequence[str], Sequence[str]]
+"""A sentence's document context: the words before it and after it in its document (nearest last / first)."""
+
+
+def document_contexts(sentences: Sequence[Sequence[str]], docs: Sequence | None, words: int) -> list[Context] | None:
+    """Per sentence, up to ``words`` words of the sentences before and after it in the same document: neighbours
+    in ``sentences`` with the same ``docs`` key (None: a sentence alone). Words, not sub-tokens, so that any caller
+    can cut contexts before tokenizing (each word is at least one sub-token, so ``words`` >= the sub-token budget
+    always suffices). None when there is no document or no context."""
+    if not words or docs is None:
+        return None
+    out: list[Context] = []
+    for i, key in enumerate(docs):
+        left: list[str] = []
+        j = i - 1
+        while key is not None and j >= 0 and docs[j] == key and len(left) < words:
+            left[:0] = sentences[j]
+            j -= 1
+        right: list[str] = []
+        j = i + 1
+        while key is not None and j < len(docs) and docs[j] == key and len(right) < words:
+            right.extend(sentences[j])
+            j += 1
+        out.append((left[-words:], right[:words]))
+    return out
+
+
+def _body(ids: Sequence[int], wids: Sequence[int | None]) -> tuple[int, int]:
+    """Where a tokenized sequence's words lie: ``[a, b)`` between the leading and trailing special tokens."""
+    words = [k for k, w in enumerate(wids) if w is not None]
+    return (words[0], words[-1] + 1) if words else (len(ids), len(ids))
+
+
+def _token_ids(tokenizer, texts: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Sub-token ids of pre-split words, without special tokens (empty for no words)."""
+    keep = [i for i, t in enumerate(texts) if t]
+    out: list[list[int]] = [[] for _ in texts]
+    for c in range(0, len(keep), 2048):
+        part = keep[c : c + 2048]
+        enc = tokenizer([list(texts[i]) for i in part], is_split_into_words=True, add_special_tokens=False)
+        for i, ids in zip(part, enc["input_ids"]):
+            out[i] = ids
+    return out
+
+
+def with_context(window: Window, tokens: int, max_length: int, left_ids, right_ids) -> Window:
+    """``window`` (a whole sentence) with up to ``tokens`` sub-tokens of its document on each side, inside the
+    special tokens (FLERT: Schweter & Akbik 2020). Context sub-tokens have no word id, so they are never labelled
+    nor read out: the sentence's labels, loss and predictions stay its own. Sides share what ``max_length`` leaves."""
+    ids, wids = window.input_ids, window.word_ids
+    room = max_length - len(ids)
+    left, right = left_ids[window.sentence], right_ids[window.sentence]
+    n_left, n_right = min(tokens, len(left)), min(tokens, len(right))
+    if n_left + n_right > room:  # share the room, giving a short side's spare to the other
+        n_left = min(n_left, max(room // 2, room - n_right))
+        n_right = min(n_right, room - n_left)
+    if n_left <= 0 and n_right <= 0:
+        return window
+    a, b = _body(ids, wids)
+    left_part = tuple(left[len(left) - n_left :]) if n_left > 0 else ()
+    right_part = tuple(right[:n_right]) if n_right > 0 else ()
+    new_ids = ids[:a] + left_part + ids[a:b] + right_part + ids[b:]
+    new_wids = wids[:a] + (None,) * len(left_part) + wids[a:b] + (None,) * len(right_part) + wids[b:]
+    return Window(window.sentence, new_ids, new_wids, window.first, window.last)
+
+
 def encode(
-    tokenizer, sentences: Sequence[Sequence[str]], max_length: int, progress: bool = False
+    tokenizer,
+    sentences: Sequence[Sequence[str]],
+    max_length: int,
+    progress: bool = False,
+    contexts: Sequence[Context] | None = None,
+    context: int | Sequence[int] = 0,
 ) -> tuple[list[Window], int]:
     """Tokenize pre-split words; sentences longer than ``max_length`` become overlapping windows.
 
     Returns the windows in sentence order and how many sentences needed more than one window.
     A word the tokenizer turns into nothing (control characters, zero-width spaces) is replaced by the
-    unknown token, so every word keeps a first sub-token and a prediction.
+    unknown token, so every word keeps a first sub-token and a prediction. ``contexts`` (``document_contexts``)
+    and ``context`` (sub-tokens per side; one for all or one per sentence): each sentence that fits whole is
+    read with its document around it (``with_context``); a windowed sentence is its own context.
     """
-    sentences = [list(s) for s in sentences]
+    windows, windowed = _encode(tokenizer, [list(s) for s in sentences], max_length, progress)
+    sizes = [context] * len(sentences) if isinstance(context, int) else list(context)
+    if contexts is None or not any(sizes):
+        return windows, windowed
+    left_ids = _token_ids(tokenizer, [c[0] for c in contexts])
+    right_ids = _token_ids(tokenizer, [c[1] for c in contexts])
+    per_sentence = Counter(w.sentence for w in windows)
+    return [
+        with_context(w, sizes[w.sentence], max_length, left_ids, right_ids)
+        if per_sentence[w.sentence] == 1 and sizes[w.sentence] > 0
+        else w
+        for w in windows
+    ], windowed
+
+
+def _encode(tokenizer, sentences: list[list[str]], max_length: int, progress: bool) -> tuple[list[Window], int]:
+    """``encode`` without document context."""
     budget = max_length - tokenizer.num_special_tokens_to_add()
     windows: list[Window] = []
     windowed = 0

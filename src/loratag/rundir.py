@@ -185,6 +185,7 @@ class AdapterRef:
     user_base: bool  # the user named the base (--base), so a failure to load it is theirs to fix
     decode: str  # the run's --decode; argmax for plain PEFT adapters
     max_length: int | None = None
+    context: int = 0  # the run's --context: sub-tokens of document context each side; 0 for plain PEFT adapters
     bias: str = "none"
     peft_type: str = "LORA"
     config: Config | None = None  # the run's settings; None for a plain PEFT adapter
@@ -253,6 +254,7 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
         user_base=base is not None,
         decode=cfg.train.decode if cfg is not None else "argmax",
         max_length=cfg.train.max_length if cfg is not None else None,
+        context=cfg.train.context if cfg is not None else 0,
         bias=acfg.get("bias", "none"),
         peft_type=acfg.get("peft_type", "LORA"),
         config=cfg,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import DECODINGS
-from .encoding import collate, encode, inference_batches
+from .encoding import Context, collate, document_contexts, encode, inference_batches
 from .labels import LabelSet, repair_iob2, viterbi_many
 from .modeling import load_adapter, load_tokenizer, model_max_length, resolve_model
 from .precision import autocast, device_of, precision_name, resolve_precision
@@ -52,6 +52,7 @@ class Tagger:
         batch_size: int = 64,
         device: str | torch.device | None = None,
         decode: str = "argmax",
+        context: int = 0,
     ):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -61,6 +62,10 @@ class Tagger:
         if decode not in DECODINGS:
             raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {decode!r}")
         self.decode = decode
+        if context < 0:
+            raise ValueError(f"--context must be >= 0 sub-tokens, got {context}")
+        self.context = context
+        """Sub-tokens of document context on each side of a sentence (the run's --context; 0: none)."""
 
     @property
     def quantized(self) -> dict | None:
@@ -91,6 +96,7 @@ class Tagger:
         kw.setdefault("max_length", ref.max_length)
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
             kw["decode"] = ref.decode
+        kw.setdefault("context", ref.context)  # as the run was trained: the same context at inference
         if quantize not in (None, "int8"):
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         if quantize == "int8":
@@ -123,15 +129,30 @@ class Tagger:
         model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
+    def contexts(
+        self, sentences: Sequence[Sequence[str]], docs: Sequence | None, context: Sequence[int] | None = None
+    ) -> list[Context] | None:
+        """Each sentence's document context as this tagger reads it (``docs``: a document key per sentence;
+        ``context``: sub-tokens per side per sentence, else the tagger's)."""
+        return document_contexts(sentences, docs, max(context, default=0) if context is not None else self.context)
+
     @torch.inference_mode()
     def word_logits(
-        self, sentences: Sequence[Sequence[str]], progress: bool = False, adapters: Sequence[str] | None = None
+        self,
+        sentences: Sequence[Sequence[str]],
+        progress: bool = False,
+        adapters: Sequence[str] | None = None,
+        contexts: Sequence[Context] | None = None,
+        context: Sequence[int] | None = None,
     ) -> WordLogits:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from the
         window where the word is most central (and how many sentences needed more than one window). ``adapters``:
         one adapter name per sentence, for a model holding several (passed as ``adapter_names``: to PEFT, or to
-        serve.multilora.MultiLoraModel)."""
-        windows, windowed = encode(self.tokenizer, sentences, self.max_length)
+        serve.multilora.MultiLoraModel). ``contexts`` (``Tagger.contexts``): the words around each sentence in its
+        document, read with it as the model was trained (``context``: sub-tokens per side per sentence, where
+        adapters differ; else the tagger's)."""
+        size = self.context if context is None else list(context)
+        windows, windowed = encode(self.tokenizer, sentences, self.max_length, contexts=contexts, context=size)
         # sized by the model's output (a server's stacked heads are padded to the widest adapter's)
         out: list = [None if len(s) else torch.zeros(0, len(self.labels)) for s in sentences]
         was_training = self.model.training
@@ -170,10 +191,15 @@ class Tagger:
         adapters: Sequence[str] | None = None,
         label_sets: Sequence[LabelSet] | None = None,
         decodes: Sequence[str] | None = None,
+        docs: Sequence | None = None,
+        context: Sequence[int] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
         """Pre-split words -> per sentence, IOB2 labels and their probabilities (``adapters``, ``label_sets``,
-        ``decodes``: one per sentence, when adapters differ)."""
-        return self.decode_logits(self.word_logits(sentences, progress, adapters), label_sets, decodes)
+        ``decodes``, ``context``: one per sentence, when adapters differ; ``docs``: a document key per sentence,
+        consecutive sentences with the same key being one document's, read in context)."""
+        contexts = self.contexts(sentences, docs, context)
+        logits = self.word_logits(sentences, progress, adapters, contexts, context)
+        return self.decode_logits(logits, label_sets, decodes)
 
     def decode_logits(
         self,
@@ -212,10 +238,12 @@ class Tagger:
         adapters: Sequence[str] | None = None,
         label_sets: Sequence[LabelSet] | None = None,
         decodes: Sequence[str] | None = None,
+        context: Sequence[int] | None = None,
     ) -> list[TaggedDocument]:
         """Raw texts -> sentences -> words with offsets -> labels -> entities. All sentences of all texts are
-        batched together (sorted by length); entity offsets point into each original text. ``adapters`` and
-        ``label_sets`` and ``decodes``: one per text, for a model holding several adapters."""
+        batched together (sorted by length); entity offsets point into each original text; each sentence is read
+        with its text around it where the model was trained so (``--context``). ``adapters``, ``label_sets``,
+        ``decodes`` and ``context``: one per text, for a model holding several adapters."""
         docs, flat = [], []
         for d, text in enumerate(texts):
             docs.append(TaggedDocument(text))
@@ -227,6 +255,8 @@ class Tagger:
             None if adapters is None else [adapters[d] for d, _ in flat],
             None if label_sets is None else [label_sets[d] for d, _ in flat],
             None if decodes is None else [decodes[d] for d, _ in flat],
+            [d for d, _ in flat],
+            None if context is None else [context[d] for d, _ in flat],
         )
         for (d, sentence), (labels, scores) in zip(flat, predictions):
             doc = docs[d]

@@ -42,24 +42,39 @@ def read_input(path: Path, fmt: str | None = None) -> tuple[str, Iterable]:
     return "documents", read_documents(path, fmt)
 
 
-def _conll_words(text: str) -> list[list[str]]:
-    """Words (first column) of a CoNLL text, one list per sentence; tags, if any, are ignored."""
-    out, cur = [], []
+class Words(list):
+    """Pre-split sentences, and ``docs``: a document key per sentence where the input marks documents (CoNLL's
+    -DOCSTART-), so that a model trained with --context reads each sentence with its document, as evaluate does."""
+
+    def __init__(self, sentences: list[list[str]], docs: list | None = None):
+        super().__init__(sentences)
+        self.docs = docs
+
+
+def _conll_words(text: str) -> Words:
+    """Words (first column) of a CoNLL text, one list per sentence, and its documents (-DOCSTART- lines) if any;
+    tags, if any, are ignored."""
+    out, cur, docs, doc, marked = [], [], [], 0, False
     for line in [*text.splitlines(), ""]:
         cols = line.split()
+        if cols and cols[0] == "-DOCSTART-":
+            doc, marked = doc + 1, True
+            cols = []
         if not cols:
             if cur:
                 out.append(cur)
+                docs.append(doc)
             cur = []
-        elif cols[0] != "-DOCSTART-":
+        else:
             cur.append(cols[0])
-    return out
+    return Words(out, docs if marked else None)
 
 
 def tag_pre_split(tagger: Tagger, sentences: list[list[str]], progress: bool) -> list[TaggedDocument]:
     """Pre-split words (CoNLL input): no word split; the text is the words joined by spaces."""
     docs = []
-    for words, (labels, scores) in zip(sentences, tagger.tag_words(sentences, progress)):
+    keys = getattr(sentences, "docs", None)
+    for words, (labels, scores) in zip(sentences, tagger.tag_words(sentences, progress, docs=keys)):
         text, ws, pos = " ".join(words), [], 0
         for w in words:
             ws.append(Word(w, pos, pos + len(w)))
@@ -114,7 +129,7 @@ def predict(
 
     kind, items = source
     if kind == "words":
-        tagged = tag_pre_split(tagger, list(items), output is not None)
+        tagged = tag_pre_split(tagger, items if isinstance(items, Words) else list(items), output is not None)
         pairs = [
             (Document.plain("", t.text, [_span(e) for e in t.entities]), [t]) for t in tagged
         ]  # fmt: skip

@@ -48,6 +48,7 @@ class Adapter:
     bias: str = "none"
     adapter_dir: Path | None = None
     decode: str = "argmax"  # the run's --decode (what it chose its epoch by); argmax for plain PEFT adapters
+    context: int = 0  # the run's --context: each text's sentences are read with the text around them
 
 
 def parse_runs(specs: list[str], runs_dir: Path | None = None, allow_none: bool = False) -> list[tuple[Path, str]]:
@@ -75,7 +76,7 @@ def describe(path: Path, name: str, labels: LabelSet | None, base: str | None) -
     ref = resolve_adapter(path, labels, base)
     if ref.peft_type != "LORA":
         raise ValueError(f"{path}: a {ref.peft_type} adapter; only LoRA adapters are served")
-    adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode)
+    adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode, ref.context)
     return adapter, resolve_model(ref.base)
 
 

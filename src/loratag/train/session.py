@@ -12,7 +12,7 @@ import torch
 
 from ..config import DECODINGS, Config
 from ..corpus import load as load_corpus
-from ..encoding import IGNORE, batches, collate, encode, padded_length
+from ..encoding import IGNORE, batches, collate, document_contexts, encode, padded_length
 from ..evaluation import evaluate
 from ..labels import LabelSet
 from ..modeling import build_model, count_parameters, encoder_layers, load_tokenizer, model_max_length, resolve_model
@@ -93,7 +93,9 @@ class Session:
         # out of it, when named_parameters() would number the remaining layers from 0
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.max_length = min(t.max_length or 10**9, model_max_length(self.tokenizer, self.model.config))
-        windows, windowed = encode(self.tokenizer, [s.tokens for s in train_set], self.max_length, progress=progress)
+        words = [s.tokens for s in train_set]
+        contexts = document_contexts(words, [s.doc for s in train_set], t.context)
+        windows, windowed = encode(self.tokenizer, words, self.max_length, progress, contexts, t.context)
         self.windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn
         self.label_ids = [[self.labels.label2id[x] for x in s.tags] for s in train_set]
         self.lengths = [len(w.input_ids) for w in self.windows]
@@ -102,8 +104,9 @@ class Session:
         self._plans: dict[int, list[list[int]]] = {}
         self.cache, self.below = self._cache_lower_layers()
         self.evaluator = Tagger(
-            self.model, self.tokenizer, self.labels, self.max_length, t.precision, t.eval_batch_size, device, t.decode
-        )
+            self.model, self.tokenizer, self.labels, self.max_length, t.precision, t.eval_batch_size, device, t.decode,
+            t.context,
+        )  # fmt: skip
         self.forward = self._data_parallel() if dist.active else self.model
         self.facts = self._facts(len(train_set), windowed)
 

@@ -75,7 +75,9 @@ def eval_work(s: Session, sentences) -> int:
     pass's fixed cost (in tokens, as ``inference_batches`` counts it)."""
     if not sentences:
         return 0
-    windows, _ = encode(s.tokenizer, [x.tokens for x in sentences], s.max_length)
+    words = [x.tokens for x in sentences]
+    contexts = s.evaluator.contexts(words, [x.doc for x in sentences])
+    windows, _ = encode(s.tokenizer, words, s.max_length, contexts=contexts, context=s.cfg.train.context)
     lengths = [len(w.input_ids) for w in windows]
     groups = inference_batches(lengths, s.cfg.train.eval_batch_size)
     return sum(PASS_TOKENS + len(g) * padded_length(max(lengths[i] for i in g)) for g in groups)
