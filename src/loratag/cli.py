@@ -25,6 +25,7 @@ REGISTER = (
     serve_cli.register,
     commands.add_push,
     commands.add_plot,
+    commands.add_average,
 )
 
 

@@ -211,3 +211,35 @@ def plot(args) -> None:
     from .plot import plot_runs
 
     print(plot_runs(args.runs, args.out, title=args.title))
+
+
+# ---- average --------------------------------------------------------------------------------------------------------
+
+
+def add_average(sub) -> None:
+    p = sub.add_parser(
+        "average",
+        help="one adapter from several runs (seeds): the mean of their updates, free at inference",
+        description="Writes a run directory whose adapter's weight update is exactly the mean of the runs' (a LoRA "
+        "of rank r x runs: their A matrices stacked, their B matrices side by side; biases and classifier heads "
+        "averaged), then scores it on the runs' validation and test data into metrics.json. The runs must share "
+        "base, labels, LoRA targets, --context and --decode (typically the same command with other --seed). "
+        "The result loads wherever a run does: evaluate, predict, export, serve, PeftModel.from_pretrained.",
+        epilog="example: loratag average runs/s42 runs/s43 runs/s44 --out runs/soup",
+    )
+    p.add_argument("runs", type=Path, nargs="+", help="run directories (their kept adapter/) to average")
+    p.add_argument("--out", type=Path, required=True, help="the new run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run_command=average)
+
+
+def average(args) -> None:
+    from .average import average_runs
+
+    metrics = average_runs(args.runs, args.out, args.overwrite)
+    summary = {"out": str(args.out), "lora_rank": metrics["lora_rank"]}
+    for split in ("validation", "test"):
+        if split in metrics:
+            m = metrics[split]
+            summary[split] = {"f1": m["f1"], "untyped_f1": m["untyped"]["f1"], "decode": m["decode"]}
+    print(json.dumps(summary))

@@ -15,6 +15,8 @@ def curve(run: Path) -> tuple[list[float], list[float], dict]:
     run = Path(run)
     if (run / METRICS).is_file():
         metrics = read_json(run / METRICS)
+        if "epochs" not in metrics:
+            raise ValueError(f"{run}: made by loratag average, not trained: it has no validation curve to plot")
         history = metrics["epochs"]
     elif (run / CHECKPOINT).is_file():
         metrics, history = {}, load_checkpoint(run)["state"]["history"]  # plain data only, never a pickle
