@@ -64,7 +64,10 @@ def main() -> None:
             row[split] = {"f1": round(s["f1"], 4), "untyped_f1": round(s["untyped"]["f1"], 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    ens = {"candidate": f"ensemble of {len(a.runs)} (mean probabilities)", "inference_s": sum(r["inference_s"] for r in rows)}
+    ens = {
+        "candidate": f"ensemble of {len(a.runs)} (mean probabilities)",
+        "inference_s": sum(r["inference_s"] for r in rows),
+    }
     for split, sentences in splits.items():
         mean = [torch.stack(ps).mean(0).clamp_min(1e-9).log() for ps in zip(*probs[split])]
         predicted = [labels for labels, _ in tagger.decode_logits(mean)]

@@ -20,7 +20,9 @@ def seed_runs(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("seeds")
     runs = []
     for seed, r in ((1, 4), (2, 4), (3, 2)):  # ranks may differ
-        c = replace(cfg, lora=replace(cfg.lora, r=r, alpha=2.0 * r + seed), train=replace(cfg.train, epochs=2, seed=seed))
+        c = replace(
+            cfg, lora=replace(cfg.lora, r=r, alpha=2.0 * r + seed), train=replace(cfg.train, epochs=2, seed=seed)
+        )
         runs.append(train(c, root / f"s{seed}", progress=False))
     return runs
 
