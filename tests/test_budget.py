@@ -23,6 +23,14 @@ def test_a_plan_is_whole_epochs_then_a_partial_one():
     assert budget.test_per_validation == 1.5
 
 
+def test_a_plan_from_a_few_probe_steps_is_made_again_early():
+    many = lambda epoch: [100] * 400  # noqa: E731
+    steps, budget = first_plan(3600.0, 1.0, 0.01, 2.0, 3.0, many)
+    assert budget.replan_every == 50 and budget.first_replan == 24  # from real steps, well before step 50
+    assert first_plan(60.0, 1.0, 0.01, 2.0, 3.0, TEN_STEPS)[1].first_replan == 0  # replans come at 8 steps anyway
+    assert timing.PROBE_STEPS + timing.PROBE_WARM_STEPS < 24  # fewer steps thrown away than the early replan reads
+
+
 def test_a_budget_too_short_to_train_says_so():
     with pytest.raises(ValueError, match="too short: setting up took 55 s and evaluating validation and test needs"):
         first_plan(60.0, 55.0, 0.01, 2.0, 3.0, TEN_STEPS)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 # what follows the last step: saving the adapter and the card, and the exit; a fixed part and a share of the budget
 END_FIXED_S, END_SHARE = 2.0, 0.01
 REPLANS_PER_RUN = 8  # the plan is made again every 1/8 of the planned steps (and after every epoch)
+EARLY_REPLAN_STEP = 24  # and once early, from real steps: the first plan rests on a few probe steps only
 MAX_EPOCHS = 10_000
 
 StepTokens = Callable[[int], Sequence[int]]  # epoch -> padded tokens of each of its steps (this process's share)
@@ -32,6 +33,7 @@ class Budget:
     deadline_s: float = 0.0  # no step starts after this (seconds into the run)
     planned_steps: list[int] = field(default_factory=list)  # the first plan
     replan_every: int = 0  # steps
+    first_replan: int = 0  # an early replan at this step (0: none), before the first of every replan_every
     replanned: list[dict] = field(default_factory=list)  # each later plan: at which step, when, what
 
     @property
@@ -108,4 +110,5 @@ def first_plan(
         )
     budget.planned_steps = list(steps)
     budget.replan_every = max(8, math.ceil(sum(steps) / REPLANS_PER_RUN))
+    budget.first_replan = EARLY_REPLAN_STEP if EARLY_REPLAN_STEP < min(budget.replan_every, sum(steps)) else 0
     return steps, budget

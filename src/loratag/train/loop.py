@@ -182,7 +182,8 @@ def _train_epoch(s: Session, clock: Clock, opt: Optimizer, state: TrainState, mi
                 state.stopped_early = True
                 break
             every_n = budget.replan_every if budget is not None else 0
-            if every_n and state.global_step % every_n == 0 and b + 1 < state.steps[epoch]:
+            due = every_n and (state.global_step % every_n == 0 or state.global_step == budget.first_replan)
+            if due and b + 1 < state.steps[epoch]:
                 state.steps = replan(s, clock, state, time.monotonic() - started)
                 opt.ends_at(sum(state.steps))
                 bar.total = state.steps[epoch]

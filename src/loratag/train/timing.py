@@ -18,7 +18,9 @@ from .state import TrainState
 
 log = logging.getLogger("loratag")
 
-PROBE_STEPS, PROBE_WARM_STEPS = 24, 2  # training steps timed for the first plan, after untimed warm-up steps
+# training steps timed for the first plan, after untimed warm-up steps: few, since their gradients are thrown away
+# (time not spent training) and the plan is made again from the real steps early on (budget.EARLY_REPLAN_STEP)
+PROBE_STEPS, PROBE_WARM_STEPS = 6, 2
 PROBE_SENTENCES = 192  # validation sentences evaluated (twice) to time an evaluation
 
 
