@@ -25,8 +25,8 @@ def test_a_plan_is_whole_epochs_then_a_partial_one():
 
 def test_a_plan_from_a_few_probe_steps_is_made_again_early():
     many = lambda epoch: [100] * 400  # noqa: E731
-    steps, budget = first_plan(3600.0, 1.0, 0.01, 2.0, 3.0, many)
-    assert budget.replan_every == 50 and budget.first_replan == 24  # from real steps, well before step 50
+    steps, budget = first_plan(420.0, 1.0, 0.01, 2.0, 3.0, many)  # 1 s a step: ~400 steps fit
+    assert budget.replan_every > 40 and budget.first_replan == 24  # from real steps, well before step 50
     assert first_plan(60.0, 1.0, 0.01, 2.0, 3.0, TEN_STEPS)[1].first_replan == 0  # replans come at 8 steps anyway
     assert timing.PROBE_STEPS + timing.PROBE_WARM_STEPS < 24  # fewer steps thrown away than the early replan reads
 
