@@ -172,6 +172,26 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "defaults",
         {"--time-budget": "24.56", "--context": "64"},
     ),
+    # slices (the first N training sentences: whole abstracts) and a single-type subset, one change at a time
+    "slice5k-guide-2ep": (
+        "the guide's code, 2 epochs, on the first 5,000 training sentences",
+        "guide",
+        {"seed": 42, "epochs": 2, "train_sentences": 5000},
+    ),
+    "slice5k-defaults-fifth": (
+        "the defaults on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
+        "defaults",
+        {"--max-train-sentences": "5000", "--time-budget": "fifth-of:slice5k-guide-2ep"},
+    ),
+    "slice2k-defaults": ("the defaults on the first 2,000 sentences", "defaults", {"--max-train-sentences": "2000"}),
+    "slice2k-context32": ("slice2k-defaults with --context 32", "slice2k-defaults", {"--context": "32"}),
+    "slice2k-6ep": ("slice2k-defaults for 6 epochs", "slice2k-defaults", {"--epochs": "6"}),
+    "slice5k-defaults": ("the defaults on the first 5,000 sentences", "defaults", {"--max-train-sentences": "5000"}),
+    "slice5k-context32": ("slice5k-defaults with --context 32", "slice5k-defaults", {"--context": "32"}),
+    "slice5k-defaults-s43": ("slice5k-defaults, seed 43 (for averaging)", "slice5k-defaults", {"--seed": "43"}),
+    "slice5k-defaults-s44": ("slice5k-defaults, seed 44 (for averaging)", "slice5k-defaults", {"--seed": "44"}),
+    "dna-defaults": ("the defaults on DNA alone (--types DNA: 3 labels)", "defaults", {"--types": "DNA"}),
+    "dna-context32": ("dna-defaults with --context 32", "dna-defaults", {"--context": "32"}),
 }
 
 
@@ -184,11 +204,26 @@ def flags_of(name: str) -> dict:
     return {**(GUIDE if base is None else flags_of(base)), **flags}
 
 
-def loratag_arm(name: str, runs: Path) -> dict:
+def resolved(flags: dict, results: Path) -> dict:
+    """``--time-budget fifth-of:ARM``: a fifth of that (guide) arm's training minutes, as recorded in this run's
+    results, so the two are measured on the same machine in one study."""
+    out = dict(flags)
+    spec = out.get("--time-budget", "")
+    if spec.startswith("fifth-of:"):
+        ref = spec.split(":", 1)[1]
+        rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.is_file() else []
+        mins = [r["train_minutes"] for r in rows if r["arm"] == ref]
+        if not mins:
+            raise SystemExit(f"--time-budget {spec}: run the arm {ref} first")
+        out["--time-budget"] = f"{mins[-1] / 5:.2f}"
+    return out
+
+
+def loratag_arm(name: str, runs: Path, results: Path) -> dict:
     """``loratag train`` with the arm's flags, as a user runs it; the record comes from the run directory."""
     out = runs / name
     cmd = [sys.executable, "-m", "loratag", "train", "--data", DATA, "--out", str(out), "--overwrite"]
-    for k, v in flags_of(name).items():
+    for k, v in resolved(flags_of(name), results).items():
         cmd += [k, v]
     cmd += ["--checkpoint-minutes", "0"]
     started = time.perf_counter()
@@ -221,12 +256,14 @@ def record_of(out: Path, wall: float | None = None) -> dict:
     }
 
 
-def guide_arm(name: str, runs: Path) -> dict:
+def guide_arm(name: str, runs: Path, results: Path) -> dict:
     """The guide's code (benchmarks/bench_train.py), or with ``"arm": "full"`` that code training every weight."""
     spec = ARMS[name][2]
     args = ["--data", DATA, "--epochs", str(spec.get("epochs", 1)), "--seed", str(spec["seed"])]
     if "full_lr" in spec:
         args += ["--full-lr", str(spec["full_lr"])]
+    if "train_sentences" in spec:
+        args += ["--train-sentences", str(spec["train_sentences"])]
     started = time.perf_counter()
     r = run_arm(str(Path(__file__).parent / "bench_train.py"), spec.get("arm", "guide"), args)
     val = r["validation_f1_by_epoch"]
@@ -311,8 +348,8 @@ def main() -> None:
         if name not in ARMS:
             raise SystemExit(f"unknown arm {name!r}; see --list")
         peak = matmul_peak()
-        record = (guide_arm if ARMS[name][1] == "guide" else loratag_arm)(name, a.runs)
-        entry = {"arm": name, "changes": ARMS[name][0], "flags": flags_of(name), **record}
+        record = (guide_arm if ARMS[name][1] == "guide" else loratag_arm)(name, a.runs, results)
+        entry = {"arm": name, "changes": ARMS[name][0], "flags": resolved(flags_of(name), results), **record}
         entry.update(cpu=facts, matmul_peak_gflops=peak, date=time.strftime("%Y-%m-%d %H:%M"), commit=_commit())
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
