@@ -148,6 +148,10 @@ def test_a_budgeted_run_whose_first_plan_is_short_trains_on(tiny_cfg, tmp_path, 
     metrics = json.loads((run / "metrics.json").read_text())
     budget = metrics["time_budget"]
     assert budget["planned_steps"] == [6] and budget["replanned"][0]["at_step"] == 4
+    # where the set-up went, part by part, and the parts within the set-up time the plan used
+    parts = budget["setup_parts"]
+    assert list(parts) == ["start-up and imports", "data", "model", "tokenize", "probe steps", "probe evaluation"]
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= budget["setup_s"] + 0.2
     assert sum(e["steps"] for e in metrics["epochs"]) > 6
     assert metrics["test"]["f1"] >= 0
     # what the evaluations really took, beside what the plan expected (budget["validation_s"], budget["test_s"])

@@ -34,6 +34,7 @@ class Budget:
     planned_steps: list[int] = field(default_factory=list)  # the first plan
     replan_every: int = 0  # steps
     first_replan: int = 0  # an early replan at this step (0: none), before the first of every replan_every
+    setup_parts: dict = field(default_factory=dict)  # where setup_s went: start-up and imports, data, model, ...
     replanned: list[dict] = field(default_factory=list)  # each later plan: at which step, when, what
 
     @property

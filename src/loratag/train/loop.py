@@ -84,7 +84,9 @@ def train_and_load(
             cfg = Config.load(out / rundir.CONFIG)
         if dist.main:
             handler = _attach_log(out)
+        before = clock.elapsed()  # the interpreter's start-up and the imports, since the process began
         session = Session(cfg, out, resume, progress and dist.main, dist.device(device), dist)
+        session.setup = {"start-up and imports": before, **session.setup}
         with low_precision_weights(session.model, session.dtype, cfg.train.low_precision_weights):
             return _loop(session, clock, resume, stop_after_steps)
     finally:

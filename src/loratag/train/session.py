@@ -81,14 +81,18 @@ class Session:
     def __init__(self, cfg: Config, out: Path, resume: bool, progress: bool, device: torch.device, dist: Dist):
         t = cfg.train
         self.cfg, self.out, self.progress, self.device, self.dist = cfg, out, progress, device, dist
+        self.setup: dict[str, float] = {}  # seconds of each part of the set-up (a short --time-budget's overhead)
+        phase = time.monotonic()
         torch.manual_seed(t.seed)
         self.corpus = load_corpus(cfg.data, cfg.corpus, t.seed)
+        self.setup["data"], phase = time.monotonic() - phase, time.monotonic()
         self.labels: LabelSet = self.corpus.labels
         if resume and (out / LABELS).is_file():
             self.labels = LabelSet.load(out / LABELS)
         train_set = self.corpus.splits["train"][: t.max_train_sentences]
         self.tokenizer = load_tokenizer(resolve_model(cfg.model))
         self.model = build_model(cfg, self.labels).to(device)
+        self.setup["model"], phase = time.monotonic() - phase, time.monotonic()
         # by their names in the whole model: a checkpoint inside an epoch is written while the cached layers are cut
         # out of it, when named_parameters() would number the remaining layers from 0
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -97,6 +101,7 @@ class Session:
         contexts = document_contexts(words, [s.doc for s in train_set], t.context)
         windows, windowed = encode(self.tokenizer, words, self.max_length, progress, contexts, t.context)
         self.windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn
+        self.setup["tokenize"] = time.monotonic() - phase
         self.label_ids = [[self.labels.label2id[x] for x in s.tags] for s in train_set]
         self.lengths = [len(w.input_ids) for w in self.windows]
         self.dtype = resolve_precision(t.precision, device)

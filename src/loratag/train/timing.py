@@ -90,8 +90,11 @@ def schedule(s: Session, clock: Clock) -> tuple[list[int], Budget | None]:
     t, gather = s.cfg.train, s.dist.gather
     if t.time_budget is None:
         return [len(s.plan(e)) for e in range(t.epochs)], None
+    phase = time.monotonic()
     per_token = max(gather(seconds_per_padded_token(s)))
+    s.setup["probe steps"], phase = time.monotonic() - phase, time.monotonic()
     per_work = max(gather(seconds_per_eval_work(s)))
+    s.setup["probe evaluation"] = time.monotonic() - phase
     mine = {k: v[s.dist.rank :: s.dist.world] for k, v in s.corpus.splits.items()}
     val_s = max(gather(1.1 * per_work * eval_work(s, mine["validation"])))
     test_s = max(gather(1.1 * per_work * eval_work(s, mine.get("test", []))))
@@ -101,6 +104,8 @@ def schedule(s: Session, clock: Clock) -> tuple[list[int], Budget | None]:
         "time budget %.1f min: setup %.0f s, %s steps in %d epoch(s), evaluations ~%.0f s each",
         t.time_budget, setup_s, steps, len(steps), val_s,
     )  # fmt: skip
+    budget.setup_parts = {k: round(v, 1) for k, v in s.setup.items()}
+    log.info("setup %.0f s: %s", setup_s, ", ".join(f"{k} {v:.1f} s" for k, v in budget.setup_parts.items()))
     return steps, budget
 
 
