@@ -157,3 +157,21 @@ def test_context_must_not_be_negative():
 
     with pytest.raises(ValueError, match="--context"):
         TrainConfig(context=-1)
+
+
+def test_a_documents_passages_are_one_context_at_predict_as_in_training(context_run):
+    """Training reads a document's sentences across its passages (title, abstract) as one context: so does
+    predict, and so the character-level scores of evaluate."""
+    from loratag.documents.model import Document, Passage
+    from loratag.documents.tagging import tag_documents
+
+    tagger = Tagger.load(context_run, precision="fp32")
+    title, abstract = "IL-2 gene expression .", "NF-kappa B binds the IL-2 promoter ."
+    doc = Document("d1", (Passage(0, title), Passage(len(title) + 1, abstract)))
+    _, parts = tag_documents(tagger, [doc])[0]
+    words = [title.split(), abstract.split()]
+    together = tagger.tag_words(words, docs=["d1", "d1"])
+    assert [p.labels for p in parts] == [together[0][0], together[1][0]]
+    apart = tagger.word_logits(words)
+    read = tagger.word_logits(words, contexts=tagger.contexts(words, ["d1", "d1"]))
+    assert not torch.allclose(apart[1], read[1])  # the title is the abstract's context, and it matters

@@ -239,11 +239,13 @@ class Tagger:
         label_sets: Sequence[LabelSet] | None = None,
         decodes: Sequence[str] | None = None,
         context: Sequence[int] | None = None,
+        groups: Sequence | None = None,
     ) -> list[TaggedDocument]:
         """Raw texts -> sentences -> words with offsets -> labels -> entities. All sentences of all texts are
         batched together (sorted by length); entity offsets point into each original text; each sentence is read
         with its text around it where the model was trained so (``--context``). ``adapters``, ``label_sets``,
-        ``decodes`` and ``context``: one per text, for a model holding several adapters."""
+        ``decodes`` and ``context``: one per text, for a model holding several adapters. ``groups``: a key per text;
+        consecutive texts with the same key (a document's passages) are read as one document's context."""
         docs, flat = [], []
         for d, text in enumerate(texts):
             docs.append(TaggedDocument(text))
@@ -255,7 +257,7 @@ class Tagger:
             None if adapters is None else [adapters[d] for d, _ in flat],
             None if label_sets is None else [label_sets[d] for d, _ in flat],
             None if decodes is None else [decodes[d] for d, _ in flat],
-            [d for d, _ in flat],
+            [d for d, _ in flat] if groups is None else [groups[d] for d, _ in flat],
             None if context is None else [context[d] for d, _ in flat],
         )
         for (d, sentence), (labels, scores) in zip(flat, predictions):

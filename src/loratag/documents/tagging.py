@@ -14,7 +14,8 @@ def tag_documents(tagger, docs: Sequence[Document], keep: bool = False, progress
     """``(document with our spans, its tagged passages)`` for each document; ``keep``: its own spans stay beside
     ours (else they are dropped)."""
     texts = [p.text for d in docs for p in d.passages]
-    tagged = iter(tagger.tag_documents(texts, progress))
+    groups = [i for i, d in enumerate(docs) for _ in d.passages]  # a document's passages: one context, as trained
+    tagged = iter(tagger.tag_documents(texts, progress, groups=groups))
     out = []
     for d in docs:
         parts = [next(tagged) for _ in d.passages]
