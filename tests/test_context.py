@@ -175,3 +175,21 @@ def test_a_documents_passages_are_one_context_at_predict_as_in_training(context_
     apart = tagger.word_logits(words)
     read = tagger.word_logits(words, contexts=tagger.contexts(words, ["d1", "d1"]))
     assert not torch.allclose(apart[1], read[1])  # the title is the abstract's context, and it matters
+
+
+def test_context_without_documents_is_said_and_counted(tiny_bert, tmp_path, caplog):
+    from .conftest import tagging_cfg
+
+    cfg = tagging_cfg(tiny_bert)
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, context=8))
+    with caplog.at_level("WARNING", logger="loratag"):
+        run = train(cfg, tmp_path / "run", progress=False)
+    assert "marks no documents" in caplog.text
+    facts = json.loads((run / "config.json").read_text())["run"]["context"]
+    assert facts == {"sentences_in_documents": 0, "subword_tokens_added_per_epoch": 0, "tokens_per_epoch_ratio": 1.0}
+
+
+def test_context_is_counted_where_documents_are(context_run):
+    facts = json.loads((context_run / "config.json").read_text())["run"]["context"]
+    assert facts["sentences_in_documents"] == 8 and facts["subword_tokens_added_per_epoch"] > 0
+    assert facts["tokens_per_epoch_ratio"] > 1

@@ -102,6 +102,7 @@ class Session:
         windows, windowed = encode(self.tokenizer, words, self.max_length, progress, contexts, t.context)
         self.windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn
         self.setup["tokenize"] = time.monotonic() - phase
+        self.context = self._context_report(train_set, windows) if t.context else None
         self.label_ids = [[self.labels.label2id[x] for x in s.tags] for s in train_set]
         self.lengths = [len(w.input_ids) for w in self.windows]
         self.dtype = resolve_precision(t.precision, device)
@@ -148,6 +149,28 @@ class Session:
             broadcast_buffers=False,
         )
 
+    def _context_report(self, train_set, windows) -> dict:
+        """How many training sentences --context gave a document context, and how many sub-tokens it added: where
+        the data marks no documents, every sentence is read alone, and the log says so."""
+        specials = self.tokenizer.num_special_tokens_to_add()
+        read = sum(len(w.input_ids) for w in windows)
+        added = sum(sum(1 for x in w.word_ids if x is None) - specials for w in windows)
+        alone = read - added
+        with_doc = sum(1 for s in train_set if s.doc is not None)
+        report = {"sentences_in_documents": with_doc, "subword_tokens_added_per_epoch": added,
+                  "tokens_per_epoch_ratio": round(read / max(1, alone), 2)}  # fmt: skip
+        if not with_doc:
+            log.warning(
+                "--context %d: the training data marks no documents (documents.tsv, -DOCSTART-, or documents read "
+                "whole), so every sentence is read alone", self.cfg.train.context,
+            )  # fmt: skip
+        else:
+            log.info(
+                "--context %d: %d of %d training sentences lie in documents; %.2fx the sub-tokens of sentences alone",
+                self.cfg.train.context, with_doc, len(train_set), report["tokens_per_epoch_ratio"],
+            )  # fmt: skip
+        return report
+
     def _facts(self, sentences: int, windowed: int) -> dict:
         """What config.json records under "run": facts about this run that are not settings."""
         t, dist = self.cfg.train, self.dist
@@ -171,6 +194,7 @@ class Session:
             "adapted_layers": len(encoder_layers(self.model)[1]) - self.below if self.cache is not None else "all",
             "cache_bytes": self.cache.nbytes if self.cache is not None else 0,
             "torch_threads": torch.get_num_threads(),
+            **({"context": self.context} if self.context else {}),
         }
 
     def plan(self, epoch: int) -> list[list[int]]:
