@@ -256,3 +256,17 @@ def test_all_linear_adapts_every_encoder_linear_layer_not_the_head(base, request
     assert len(tagger.tag_words(WORDS)) == 2
     saved = json.loads((run / "adapter/adapter_config.json").read_text())["target_modules"]
     assert set(saved) == {"query", "key", "value", "dense"}
+
+
+def test_saving_an_adapter_makes_no_network_call(tiny_cfg, tmp_path, monkeypatch):
+    """PEFT's save asks the Hub whether the base's vocabulary grew unless told; loratag tells it (no network in the
+    training loop: a firewalled machine would wait out a timeout at every save)."""
+    import peft.utils.save_and_load as sl
+
+    def no_network(*a, **kw):
+        raise AssertionError("a Hub lookup while saving the adapter")
+
+    monkeypatch.setattr(sl, "check_file_exists_on_hf_hub", no_network)
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=1))
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -97,9 +97,15 @@ def append_line(path: Path, line: str) -> None:
 def save_adapter(model, target: Path) -> None:
     """``save_pretrained`` into a temporary folder (its files synced), then swap it in. Only a rename separates the
     old folder from the new one; ``recover`` puts the old one back if a kill lands between the two renames."""
+    from peft.tuners.lora import Embedding
+
     tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # PEFT's "auto" asks the Hub for the base's config.json at every save, to learn whether the vocabulary grew: a
+    # network call inside the training loop (a firewalled machine waits out its timeout, every epoch). loratag
+    # knows: the embeddings are saved only where LoRA adapts them
+    embeddings = any(isinstance(m, Embedding) for m in model.modules())
+    model.save_pretrained(tmp, save_embedding_layers="auto" if embeddings else False)
     for p in tmp.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
