@@ -248,6 +248,10 @@ def record_of(out: Path, wall: float | None = None) -> dict:
         "best_epoch": m["best_epoch"],
         "test": {d: {k: round(v[k], 4) for k in ("precision", "recall", "f1")} for d, v in test["by_decode"].items()},
         "test_per_type_f1": {k: round(v["f1"], 4) for k, v in test["per_type"].items()},
+        "test_untyped_f1": round(test["untyped"]["f1"], 4) if "untyped" in test else None,  # the run's decoding
+        "validation_untyped_f1": [
+            round(e["validation"]["untyped"]["f1"], 4) for e in epochs if "untyped" in e["validation"]
+        ],
         "trainable_params": facts["trainable_params"],
         "cached_layers": facts["cached_layers"],
         "autocast": facts["autocast"],
@@ -297,15 +301,16 @@ def done(results: Path) -> set[str]:
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     out = [
-        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test argmax | test constrained | commit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test argmax | test constrained | test untyped | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = r["test"].get("constrained", {}).get("f1")
         out.append(
             f"| {r['arm']} | {r['changes']} | {r['wall_minutes']} | {r['tokens_per_s']:.0f} | "
             f"{' '.join(f'{f:.4f}' for f in r['validation_f1'])} | {r['best_epoch']} | "
-            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} | {r.get('commit', '')} |"
+            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} | {r.get('test_untyped_f1') or ''} | "
+            f"{r.get('commit', '')} |"
         )
     return "\n".join(out)
 
