@@ -301,7 +301,8 @@ def done(results: Path) -> set[str]:
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     out = [
-        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test argmax | test constrained | test untyped | commit |",
+        "| arm | changes | wall min | tok/s | val F1 by epoch | kept | test argmax | test constrained | test untyped "
+        "| commit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -309,8 +310,8 @@ def table(results: Path) -> str:
         out.append(
             f"| {r['arm']} | {r['changes']} | {r['wall_minutes']} | {r['tokens_per_s']:.0f} | "
             f"{' '.join(f'{f:.4f}' for f in r['validation_f1'])} | {r['best_epoch']} | "
-            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} | {r.get('test_untyped_f1') or ''} | "
-            f"{r.get('commit', '')} |"
+            f"{r['test']['argmax']['f1']:.4f} | {'' if c is None else f'{c:.4f}'} | "
+            f"{r.get('test_untyped_f1') or ''} | {r.get('commit', '')} |"
         )
     return "\n".join(out)
 
