@@ -192,6 +192,12 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "slice5k-defaults-s44": ("slice5k-defaults, seed 44 (for averaging)", "slice5k-defaults", {"--seed": "44"}),
     "dna-defaults": ("the defaults on DNA alone (--types DNA: 3 labels)", "defaults", {"--types": "DNA"}),
     "dna-context32": ("dna-defaults with --context 32", "dna-defaults", {"--context": "32"}),
+    "dna5k-defaults": (
+        "the defaults on DNA alone (--types DNA: 3 labels), first 5,000 sentences",
+        "defaults",
+        {"--types": "DNA", "--max-train-sentences": "5000"},
+    ),
+    "dna5k-context32": ("dna5k-defaults with --context 32", "dna5k-defaults", {"--context": "32"}),
 }
 
 
