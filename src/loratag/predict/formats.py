@@ -4,6 +4,7 @@ terminal view."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,6 +75,12 @@ def tag_pre_split(tagger: Tagger, sentences: list[list[str]], progress: bool) ->
     """Pre-split words (CoNLL input): no word split; the text is the words joined by spaces."""
     docs = []
     keys = getattr(sentences, "docs", None)
+    if tagger.context and keys is None:
+        logging.getLogger("loratag").warning(
+            "this run reads each sentence with its document around it (--context %d), but the input marks no "
+            "documents (CoNLL -DOCSTART- lines): every sentence is read alone, as it was not in training",
+            tagger.context,
+        )
     for words, (labels, scores) in zip(sentences, tagger.tag_words(sentences, progress, docs=keys)):
         text, ws, pos = " ".join(words), [], 0
         for w in words:
