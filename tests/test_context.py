@@ -193,3 +193,12 @@ def test_context_is_counted_where_documents_are(context_run):
     facts = json.loads((context_run / "config.json").read_text())["run"]["context"]
     assert facts["sentences_in_documents"] == 8 and facts["subword_tokens_added_per_epoch"] > 0
     assert facts["tokens_per_epoch_ratio"] > 1
+
+
+def test_pre_split_input_without_documents_says_it_is_read_sentence_by_sentence(context_run, caplog):
+    tagger = Tagger.load(context_run, precision="fp32")
+    parsed = _conll_words("IL-2 O\ngene O\n\nNF-kappa O\nB O\n")
+    assert parsed.docs is None
+    with caplog.at_level("WARNING", logger="loratag"):
+        tag_pre_split(tagger, parsed, progress=False)
+    assert "marks no documents" in caplog.text and "--context 16" in caplog.text
