@@ -3,7 +3,7 @@ it (``pip install -e . && loratag train ... --time-budget 5``), run twice: first
 and warm. Per run: the wall time, where the set-up went (metrics.json ``time_budget.setup_parts``), the share of the
 budget spent in training steps, the evaluations' times and the F1 it reached.
 
-    python benchmarks/bench_main_job.py                  # clones this repository's HEAD next to it (../shared resolves)
+    python benchmarks/bench_main_job.py              # clones HEAD next to the repository (../shared resolves)
     python benchmarks/bench_main_job.py --runs 1
 
 The clone's ``pip install -e .`` points the installed loratag at the clone; this script points it back at the
