@@ -76,3 +76,11 @@ def test_runs_that_cannot_be_averaged_are_refused(seed_runs, tmp_path, capsys):
     assert main(["average", str(seed_runs[0]), "--out", str(tmp_path / "z")]) == 2
     assert "at least two" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_runs_last_epoch_averages_with_its_kept_one(seed_runs, tmp_path):
+    from loratag.average import average_runs
+
+    run = seed_runs[0]
+    metrics = average_runs([run, run / "last"], tmp_path / "epochs")
+    assert metrics["lora_rank"] == 8 and "test" in metrics

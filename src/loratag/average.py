@@ -84,8 +84,10 @@ def average_runs(runs: list[Path], out: Path, overwrite: bool = False, evaluate_
     for r, f in zip(runs, folders):
         if not (f / rundir.ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"{r}: not a run directory (no adapter/) nor a PEFT adapter folder")
-    cfgs = [rundir.read_json(r / rundir.CONFIG) if (r / rundir.CONFIG).is_file() else None for r in runs]
-    labels = [(r / rundir.LABELS).read_text() if (r / rundir.LABELS).is_file() else None for r in runs]
+    # a run's own settings and labels; for an adapter folder inside a run (RUN/last: its last epoch), the run's
+    homes = [r if (r / rundir.CONFIG).is_file() or not (r.parent / rundir.CONFIG).is_file() else r.parent for r in runs]
+    cfgs = [rundir.read_json(h / rundir.CONFIG) if (h / rundir.CONFIG).is_file() else None for h in homes]
+    labels = [(h / rundir.LABELS).read_text() if (h / rundir.LABELS).is_file() else None for h in homes]
     if cfgs[0] is None or labels[0] is None:
         raise ValueError(f"{runs[0]}: the first run must be a loratag run (its settings and labels are kept)")
     for r, c, lab in zip(runs[1:], cfgs[1:], labels[1:]):

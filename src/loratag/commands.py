@@ -227,7 +227,10 @@ def add_average(sub) -> None:
         "The result loads wherever a run does: evaluate, predict, export, serve, PeftModel.from_pretrained.",
         epilog="example: loratag average runs/s42 runs/s43 runs/s44 --out runs/soup",
     )
-    p.add_argument("runs", type=Path, nargs="+", help="run directories (their kept adapter/) to average")
+    p.add_argument(
+        "runs", type=Path, nargs="+",
+        help="run directories (their kept adapter/) to average; RUN/last stands for a run's last epoch",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the new run directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run_command=average)
