@@ -84,8 +84,12 @@ def average_runs(runs: list[Path], out: Path, overwrite: bool = False, evaluate_
     for r, f in zip(runs, folders):
         if not (f / rundir.ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"{r}: not a run directory (no adapter/) nor a PEFT adapter folder")
+
     # a run's own settings and labels; for an adapter folder inside a run (RUN/last: its last epoch), the run's
-    homes = [r if (r / rundir.CONFIG).is_file() or not (r.parent / rundir.CONFIG).is_file() else r.parent for r in runs]
+    def home(r: Path) -> Path:
+        return r.parent if not (r / rundir.CONFIG).is_file() and (r.parent / rundir.CONFIG).is_file() else r
+
+    homes = [home(r) for r in runs]
     cfgs = [rundir.read_json(h / rundir.CONFIG) if (h / rundir.CONFIG).is_file() else None for h in homes]
     labels = [(h / rundir.LABELS).read_text() if (h / rundir.LABELS).is_file() else None for h in homes]
     if cfgs[0] is None or labels[0] is None:
