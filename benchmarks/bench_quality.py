@@ -172,6 +172,11 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "defaults",
         {"--time-budget": "24.56", "--context": "64"},
     ),
+    "defaults-4ep": (
+        "the defaults for 4 epochs (what defaults-budget-24.56 kept: its 4th epoch)",
+        "defaults",
+        {"--epochs": "4"},
+    ),
     # slices (the first N training sentences: whole abstracts) and a single-type subset, one change at a time
     "slice5k-guide-2ep": (
         "the guide's code, 2 epochs, on the first 5,000 training sentences",
@@ -188,6 +193,7 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "slice2k-6ep": ("slice2k-defaults for 6 epochs", "slice2k-defaults", {"--epochs": "6"}),
     "slice5k-defaults": ("the defaults on the first 5,000 sentences", "defaults", {"--max-train-sentences": "5000"}),
     "slice5k-context32": ("slice5k-defaults with --context 32", "slice5k-defaults", {"--context": "32"}),
+    "slice5k-4ep": ("slice5k-defaults for 4 epochs", "slice5k-defaults", {"--epochs": "4"}),
     "slice5k-defaults-s43": ("slice5k-defaults, seed 43 (for averaging)", "slice5k-defaults", {"--seed": "43"}),
     "slice5k-defaults-s44": ("slice5k-defaults, seed 44 (for averaging)", "slice5k-defaults", {"--seed": "44"}),
     "dna-defaults": ("the defaults on DNA alone (--types DNA: 3 labels)", "defaults", {"--types": "DNA"}),
