@@ -129,7 +129,7 @@ def guide_lora(**kw) -> LoraSettings:
 
 def guide_train(**kw) -> TrainConfig:
     """Training settings of the tests: loratag's loop with the guide's schedule (no warmup) and argmax decoding."""
-    return TrainConfig(**{"warmup_ratio": 0.0, "decode": "argmax", **kw})
+    return TrainConfig(**{"warmup_ratio": 0.0, "decode": "argmax", "epochs": 2, **kw})
 
 
 @pytest.fixture

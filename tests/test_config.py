@@ -33,6 +33,7 @@ def test_guide_config_is_the_guide():
             lr=1e-3,
             batch_size=16,
             epochs=10,
+            min_steps=0,
             weight_decay=0.01,
             warmup_ratio=0.0,
             precision="fp32",

@@ -270,3 +270,17 @@ def test_saving_an_adapter_makes_no_network_call(tiny_cfg, tmp_path, monkeypatch
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=1))
     run = train(cfg, tmp_path / "run", progress=False)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_without_epochs_a_small_corpus_trains_at_least_min_steps(tiny_cfg, tmp_path, caplog):
+    """No --epochs: 4 epochs, or more where 4 are fewer than --min-steps steps; a given --epochs is exact."""
+    with caplog.at_level("INFO", logger="loratag"):
+        run = train(replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=None, min_steps=9)), tmp_path / "a")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["steps"] for e in metrics["epochs"]] == [2] * 5  # 8 sentences in batches of 4: ceil(9 / 2) epochs
+    assert "5 epochs: 2 steps per epoch, and --min-steps 9" in caplog.text
+    assert "5 epochs" in (run / "README.md").read_text()
+    run = train(replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=None, min_steps=0)), tmp_path / "b")
+    assert len(json.loads((run / "metrics.json").read_text())["epochs"]) == 4
+    run = train(replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=1, min_steps=100)), tmp_path / "c")
+    assert len(json.loads((run / "metrics.json").read_text())["epochs"]) == 1

@@ -106,4 +106,4 @@ def _length(cfg: Config, metrics: dict) -> str:
     ran = len(metrics["epochs"])
     if cfg.train.time_budget:
         return f"a {cfg.train.time_budget:g}-minute time budget ({ran} epoch(s), the last possibly partial)"
-    return f"{cfg.train.epochs} epochs"
+    return f"{ran} epochs"

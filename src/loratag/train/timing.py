@@ -4,6 +4,7 @@ training steps and of an evaluation, and the figures every process agrees on bef
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 
@@ -85,11 +86,29 @@ def eval_work(s: Session, sentences) -> int:
     return sum(PASS_TOKENS + len(g) * padded_length(max(lengths[i] for i in g)) for g in groups)
 
 
+DEFAULT_EPOCHS = 4  # without --epochs: this many, or enough for --min-steps (docs/study.md)
+
+
+def epochs_to_train(s: Session) -> int:
+    """``--epochs`` as given; else 4, or more where 4 epochs are fewer than ``--min-steps`` steps (a small corpus)."""
+    t = s.cfg.train
+    if t.epochs is not None:
+        return t.epochs
+    per_epoch = max(1, len(s.plan(0)))
+    epochs = max(DEFAULT_EPOCHS, math.ceil(t.min_steps / per_epoch))
+    if epochs > DEFAULT_EPOCHS:
+        log.info(
+            "%d epochs: %d steps per epoch, and --min-steps %d asks for at least that many (a small corpus)",
+            epochs, per_epoch, t.min_steps,
+        )  # fmt: skip
+    return epochs
+
+
 def schedule(s: Session, clock: Clock) -> tuple[list[int], Budget | None]:
     """Optimizer steps per epoch: ``--epochs`` full epochs, or what fits in ``--time-budget`` (timed here)."""
     t, gather = s.cfg.train, s.dist.gather
     if t.time_budget is None:
-        return [len(s.plan(e)) for e in range(t.epochs)], None
+        return [len(s.plan(e)) for e in range(epochs_to_train(s))], None
     phase = time.monotonic()
     per_token = max(gather(seconds_per_padded_token(s)))
     s.setup["probe steps"], phase = time.monotonic() - phase, time.monotonic()
