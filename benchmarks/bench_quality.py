@@ -204,6 +204,7 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         {"--types": "DNA", "--max-train-sentences": "5000"},
     ),
     "dna5k-context32": ("dna5k-defaults with --context 32", "dna5k-defaults", {"--context": "32"}),
+    "dna5k-4ep": ("dna5k-defaults for 4 epochs (the defaults now)", "dna5k-defaults", {"--epochs": "4"}),
 }
 
 
