@@ -59,6 +59,18 @@ def test_the_average_is_the_mean_of_the_merged_models_and_loads_as_plain_peft(se
     assert main(["predict", str(out), "--text", "IL-2 gene expression requires NF-kappa B ."]) == 0
 
 
+def test_module_lists_in_another_order_are_the_same_adapter(seed_runs, tmp_path):
+    """PEFT writes target_modules from a set: two runs of one recipe list them in different orders."""
+    from loratag.average import average_runs
+
+    other = tmp_path / "other"
+    shutil.copytree(seed_runs[1], other)
+    acfg = json.loads((other / "adapter" / "adapter_config.json").read_text())
+    acfg["target_modules"] = list(reversed(acfg["target_modules"]))
+    (other / "adapter" / "adapter_config.json").write_text(json.dumps(acfg))
+    assert average_runs([seed_runs[0], other], tmp_path / "avg", evaluate_splits=())["lora_rank"] == 8
+
+
 def test_runs_that_cannot_be_averaged_are_refused(seed_runs, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(seed_runs[1], other)

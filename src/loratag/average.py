@@ -26,6 +26,11 @@ SETTINGS_THAT_MUST_AGREE = ("model", "lora.bias", "lora.target_modules", "lora.t
                             "train.max_length", "train.context", "train.decode")  # fmt: skip
 
 
+def _same(value):
+    """A setting as compared between adapters: PEFT writes module names from a set, in no fixed order."""
+    return sorted(value) if isinstance(value, list) else value
+
+
 def _scaling(acfg: dict) -> float:
     r, alpha = acfg["r"], acfg["lora_alpha"]
     return alpha / r**0.5 if acfg.get("use_rslora") else alpha / r
@@ -46,7 +51,7 @@ def average_adapters(adapters: list[Path]) -> tuple[dict[str, torch.Tensor], dic
     first, k = configs[0], len(adapters)
     for a, c, w in zip(adapters[1:], configs[1:], weights[1:]):
         for key in ("peft_type", "task_type", "target_modules", "bias", "modules_to_save"):
-            if c.get(key) != first.get(key):
+            if _same(c.get(key)) != _same(first.get(key)):
                 raise ValueError(f"{a}: {key} is {c.get(key)!r}, {adapters[0]} has {first.get(key)!r}: not averaged")
         if set(w) != set(weights[0]):
             extra = sorted(set(w) ^ set(weights[0]))[:3]
