@@ -146,11 +146,9 @@ class Tagger:
         context: Sequence[int] | None = None,
     ) -> WordLogits:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from the
-        window where the word is most central (and how many sentences needed more than one window). ``adapters``:
-        one adapter name per sentence, for a model holding several (passed as ``adapter_names``: to PEFT, or to
-        serve.multilora.MultiLoraModel). ``contexts`` (``Tagger.contexts``): the words around each sentence in its
-        document, read with it as the model was trained (``context``: sub-tokens per side per sentence, where
-        adapters differ; else the tagger's)."""
+        window where it is most central (and how many sentences needed windows). ``adapters``: an adapter name per
+        sentence, for a model holding several (``adapter_names``). ``contexts`` (``Tagger.contexts``): the words
+        around each sentence in its document (``context``: sub-tokens per side per sentence; else the tagger's)."""
         size = self.context if context is None else list(context)
         windows, windowed = encode(self.tokenizer, sentences, self.max_length, contexts=contexts, context=size)
         # sized by the model's output (a server's stacked heads are padded to the widest adapter's)
@@ -169,15 +167,7 @@ class Tagger:
                 with autocast(self.device, self.dtype):
                     logits = self.model(**batch).logits.float().cpu()
                 for row, w in enumerate(group):
-                    positions, words, prev = [], [], None
-                    for pos, wid in enumerate(w.word_ids):
-                        if wid is not None and wid != prev and w.first <= wid < w.last:
-                            positions.append(pos)
-                            words.append(wid)
-                        prev = wid
-                    if out[w.sentence] is None:
-                        out[w.sentence] = torch.zeros(len(sentences[w.sentence]), logits.shape[-1])
-                    out[w.sentence][words] = logits[row, positions]
+                    _read_out(out, w, logits[row], len(sentences[w.sentence]))
                 bar.update(sum(1 for w in group if w.last == len(sentences[w.sentence])))
         finally:
             bar.close()
@@ -201,35 +191,11 @@ class Tagger:
         logits = self.word_logits(sentences, progress, adapters, contexts, context)
         return self.decode_logits(logits, label_sets, decodes)
 
-    def decode_logits(
-        self,
-        word_logits: list[torch.Tensor],
-        label_sets: Sequence[LabelSet] | None = None,
-        decode: str | Sequence[str] | None = None,
-    ) -> list[tuple[list[str], list[float]]]:
-        """Labels and their probabilities from word logits; ``decode`` (one, or one per sentence; the Tagger's by
-        default): "argmax" (each word's best label, a stray I-X read as B-X as conlleval does) or "constrained"
-        (the most probable valid IOB2 sequence: Viterbi, no I-X after O or after another type)."""
-        decode = decode or self.decode
-        per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
+    def decode_logits(self, word_logits: list, label_sets: Sequence[LabelSet] | None = None, decode=None) -> list:
+        """Labels and their probabilities from word logits (``decode_word_logits``): the Tagger's labels and
+        decoding unless given (one, or one per sentence)."""
         names = [(label_sets[i] if label_sets is not None else self.labels).labels for i in range(len(word_logits))]
-        logps = [logits[:, : len(names[i])].log_softmax(-1) for i, logits in enumerate(word_logits)]  # own labels
-        ids: list = [logp.argmax(-1) for logp in logps]
-        by_labels: dict[tuple[str, ...], list[int]] = {}
-        for i, how in enumerate(per_sentence):
-            if how == "constrained" and len(logps[i]):
-                by_labels.setdefault(tuple(names[i]), []).append(i)
-        for labels, group in by_labels.items():
-            for i, path in zip(group, viterbi_many([logps[i].numpy() for i in group], labels)):
-                ids[i] = torch.tensor(path)
-        out = []
-        for i, logp in enumerate(logps):
-            if not len(logp):
-                out.append(([], []))
-                continue
-            probs = logp.gather(1, ids[i][:, None])[:, 0].exp()
-            out.append((repair_iob2([names[i][j] for j in ids[i].tolist()])[0], [round(p, 4) for p in probs.tolist()]))
-        return out
+        return decode_word_logits(word_logits, names, decode or self.decode)
 
     def tag_documents(
         self,
@@ -271,3 +237,42 @@ class Tagger:
     def predict_text(self, text: str) -> TaggedDocument:
         """One raw text: its words, their labels and scores, and its entities."""
         return self.tag_documents([text])[0]
+
+
+def _read_out(out: list, w, logits: torch.Tensor, n_words: int) -> None:
+    """Window ``w``'s logits (one row of a batch) at the first sub-token of each word it owns, into its sentence's."""
+    positions, words, prev = [], [], None
+    for pos, wid in enumerate(w.word_ids):
+        if wid is not None and wid != prev and w.first <= wid < w.last:
+            positions.append(pos)
+            words.append(wid)
+        prev = wid
+    if out[w.sentence] is None:
+        out[w.sentence] = torch.zeros(n_words, logits.shape[-1])
+    out[w.sentence][words] = logits[positions]
+
+
+def decode_word_logits(
+    word_logits: list[torch.Tensor], names: list[Sequence[str]], decode: str | Sequence[str]
+) -> list[tuple[list[str], list[float]]]:
+    """Labels and their probabilities from word logits, ``names[i]`` being sentence i's labels; ``decode`` (one, or
+    one per sentence): "argmax" (each word's best label, a stray I-X read as B-X as conlleval does) or "constrained"
+    (the most probable valid IOB2 sequence: Viterbi, no I-X after O or after another type)."""
+    per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
+    logps = [logits[:, : len(names[i])].log_softmax(-1) for i, logits in enumerate(word_logits)]  # own labels
+    ids: list = [logp.argmax(-1) for logp in logps]
+    by_labels: dict[tuple[str, ...], list[int]] = {}
+    for i, how in enumerate(per_sentence):
+        if how == "constrained" and len(logps[i]):
+            by_labels.setdefault(tuple(names[i]), []).append(i)
+    for labels, group in by_labels.items():
+        for i, path in zip(group, viterbi_many([logps[i].numpy() for i in group], labels)):
+            ids[i] = torch.tensor(path)
+    out = []
+    for i, logp in enumerate(logps):
+        if not len(logp):
+            out.append(([], []))
+            continue
+        probs = logp.gather(1, ids[i][:, None])[:, 0].exp()
+        out.append((repair_iob2([names[i][j] for j in ids[i].tolist()])[0], [round(p, 4) for p in probs.tolist()]))
+    return out

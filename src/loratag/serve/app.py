@@ -1,6 +1,6 @@
 """`loratag serve`: the HTTP application (FastAPI + uvicorn, imported only here) over the adapter pool and batcher:
 the tag route and its limits, the middlewares, running (schemas.py, metrics.py and admin.py hold the rest). The
-settings' defaults live in config.ServeSettings only; the CLI reads its flags and defaults from there.
+settings' defaults live in settings.py (ServeSettings) only; the CLI reads its flags and defaults from there.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ServeSettings
 from ..text import count_words
 from .adapters import UnknownAdapter
 from .admin import add_routes
@@ -23,6 +22,7 @@ from .batcher import Batcher, QueueFull
 from .metrics import Metrics
 from .pool import AdapterPool
 from .schemas import TagRequest, TagResponse
+from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

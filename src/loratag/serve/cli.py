@@ -1,4 +1,4 @@
-"""`loratag serve`: its flags (the limits' flags and defaults come from config.ServeSettings) and the command."""
+"""`loratag serve`: its flags (the limits' flags and defaults come from settings.py: ServeSettings) and the command."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from ..cliargs import adapter_flags, device_flag, precision_flag, quantize_flag
-from ..config import ServeSettings, option_fields
+from ..config import option_fields
+from .settings import ServeSettings
 
 USER_KEY, ADMIN_KEY = "LORATAG_API_KEY", "LORATAG_ADMIN_KEY"
 MIN_KEY = 16
