@@ -162,8 +162,8 @@ def test_serve_int8_holds_one_adapter_and_answers_as_predict(bert_run, roberta_r
     assert any(d.entities for d in expected)  # the comparison below compares something
     from fastapi.testclient import TestClient
 
-    from loratag.config import ServeSettings
     from loratag.serve.app import create_app, default_workers
+    from loratag.serve.settings import ServeSettings
 
     assert default_workers(pool) == 1  # ONNX Runtime's own threads span the cores
     app, _ = create_app(pool, ServeSettings(workers=1, wait_ms=0))

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from loratag.cli import main
-from loratag.config import Config, ServeSettings
+from loratag.config import Config
 from loratag.labels import LabelSet
+from loratag.serve.settings import ServeSettings
 from loratag.tagger import Tagger
 from loratag.train import train
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loratag.config import Config, ServeSettings
+from loratag.config import Config
 from loratag.serve.adapters import parse_runs
 from loratag.serve.app import create_app
 from loratag.serve.pool import AdapterPool
+from loratag.serve.settings import ServeSettings
 from loratag.tagger import Tagger
 from loratag.train import train
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loratag.config import ServeSettings
 from loratag.serve.adapters import UnknownAdapter
 from loratag.serve.pool import AdapterPool
+from loratag.serve.settings import ServeSettings
 from loratag.serve.watch import Watcher, complete_safetensors, fingerprint
 from loratag.train import train
 

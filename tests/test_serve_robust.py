@@ -12,10 +12,10 @@ import httpx
 import pytest
 import torch
 
-from loratag.config import ServeSettings
 from loratag.serve.adapters import split_biases
 from loratag.serve.batcher import Batcher
 from loratag.serve.pool import AdapterPool
+from loratag.serve.settings import ServeSettings
 from loratag.tagger import Tagger
 from loratag.train import train
 
