@@ -124,7 +124,7 @@ class TrainConfig:
         "sub-tokens of document context on each side of a sentence (FLERT): each sentence is read with the "
         "sentences around it in its document (from documents.tsv, -DOCSTART-, or documents read whole), labels "
         "and loss on the sentence only; evaluate, predict and serve read it the same way. Costs time: a sentence "
-        "of ~40 sub-tokens becomes up to 40 + 2N (0: each sentence alone, as the guide)",
+        "of S sub-tokens becomes up to S + 2N (0: each sentence alone, as the guide)",
     )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
     max_train_sentences: int | None = _opt(
@@ -176,7 +176,6 @@ class TrainConfig:
         positive = {
             "--lr": self.lr,
             "--batch-size": self.batch_size,
-            "--epochs": 1 if self.epochs is None else self.epochs,
             "--eval-batch-size": self.eval_batch_size,
         }
         for flag, value in positive.items():
@@ -184,6 +183,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be > 0, got {value}")
         if self.batch_tokens is not None and self.batch_tokens < 8:
             raise ValueError(f"--batch-tokens must be >= 8, got {self.batch_tokens}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if self.min_steps < 0:
             raise ValueError(f"--min-steps must be >= 0, got {self.min_steps}")
         if self.weight_decay < 0:

@@ -58,9 +58,10 @@ def evaluate(
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     names = (tagger.decode, *[d for d in decodes if d != tagger.decode])
     # contexts from the whole list, then this process's share: a document's neighbours may be another's
-    contexts = tagger.contexts([s.tokens for s in sentences], [s.doc for s in sentences])
+    words = [s.tokens for s in sentences]
+    contexts = tagger.contexts(words, [s.doc for s in sentences])
     mine_ctx = None if contexts is None else contexts[rank::world]
-    logits = tagger.word_logits([s.tokens for s in sentences[rank::world]], progress, contexts=mine_ctx)
+    logits = tagger.word_logits(words[rank::world], progress, contexts=mine_ctx)
     mine = ({d: [labels for labels, _ in tagger.decode_logits(logits, decode=d)] for d in names}, logits.windowed)
     parts = dist.gather(mine) if dist is not None else [mine]
     gold = [s.tags for s in sentences]
