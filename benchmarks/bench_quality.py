@@ -205,6 +205,10 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     ),
     "dna5k-context32": ("dna5k-defaults with --context 32", "dna5k-defaults", {"--context": "32"}),
     "dna5k-4ep": ("dna5k-defaults for 4 epochs (the defaults now)", "dna5k-defaults", {"--epochs": "4"}),
+    "slice5k-case": ("slice5k-4ep with --case (a word's case as its token type)", "slice5k-4ep", {"--case": "true"}),
+    "slice2k-case": ("slice2k-6ep with --case", "slice2k-6ep", {"--case": "true"}),
+    "dna5k-case": ("dna5k-4ep with --case", "dna5k-4ep", {"--case": "true"}),
+    "defaults-4ep-case": ("defaults-4ep with --case", "defaults-4ep", {"--case": "true"}),
 }
 
 

@@ -126,6 +126,13 @@ class TrainConfig:
         "and loss on the sentence only; evaluate, predict and serve read it the same way. Costs time: a sentence "
         "of S sub-tokens becomes up to S + 2N (0: each sentence alone, as the guide)",
     )
+    case: bool = _opt(
+        False,
+        "--case",
+        "give an uncased base the case back: each sub-token's token type is 1 where its word has an upper-case "
+        "letter (IL-2 / il-2), and the token-type embeddings train with the adapter (BERT-style bases with 2 "
+        "token types); evaluate, predict and serve read it the same way, but a plain transformers pipeline does not",
+    )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
     max_train_sentences: int | None = _opt(
         None, "--max-train-sentences", "train on the first N training sentences only (quick runs)"

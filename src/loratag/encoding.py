@@ -25,6 +25,19 @@ class Window:
     word_ids: tuple[int | None, ...]
     first: int
     last: int
+    type_ids: tuple[int, ...] | None = None
+    """With ``--case``: a token type per sub-token, 1 where its word has an upper-case letter (see ``case_bits``)."""
+
+
+def case_bit(word: str) -> int:
+    """1 where a word has an upper-case letter: what an uncased tokenizer's lower-casing erases (``IL-2``, ``Ets``
+    and ``il``, ``ets`` read alike), given back to the model as BERT's token type (see ``--case``)."""
+    return 1 if any(c.isupper() for c in word) else 0
+
+
+def case_bits(words: Sequence[str], word_ids: Sequence[int | None]) -> tuple[int, ...]:
+    """Each sub-token's ``case_bit`` of its word (0 for special tokens)."""
+    return tuple(0 if w is None else case_bit(words[w]) for w in word_ids)
 
 
 def align_labels(
@@ -138,19 +151,23 @@ def _body(ids: Sequence[int], wids: Sequence[int | None]) -> tuple[int, int]:
     return (words[0], words[-1] + 1) if words else (len(ids), len(ids))
 
 
-def _token_ids(tokenizer, texts: Sequence[Sequence[str]]) -> list[list[int]]:
-    """Sub-token ids of pre-split words, without special tokens (empty for no words)."""
+def _token_ids(tokenizer, texts: Sequence[Sequence[str]]) -> tuple[list[list[int]], list[tuple[int, ...]]]:
+    """Sub-token ids of pre-split words, without special tokens (empty for no words), and their ``case_bits``."""
     keep = [i for i, t in enumerate(texts) if t]
     out: list[list[int]] = [[] for _ in texts]
+    bits: list[tuple[int, ...]] = [() for _ in texts]
     for c in range(0, len(keep), 2048):
         part = keep[c : c + 2048]
         enc = tokenizer([list(texts[i]) for i in part], is_split_into_words=True, add_special_tokens=False)
-        for i, ids in zip(part, enc["input_ids"]):
+        for j, (i, ids) in enumerate(zip(part, enc["input_ids"])):
             out[i] = ids
-    return out
+            bits[i] = case_bits(texts[i], enc.word_ids(j))
+    return out, bits
 
 
-def with_context(window: Window, tokens: int, max_length: int, left_ids, right_ids) -> Window:
+def with_context(
+    window: Window, tokens: int, max_length: int, left_ids, right_ids, left_bits=None, right_bits=None
+) -> Window:
     """``window`` (a whole sentence) with up to ``tokens`` sub-tokens of its document on each side, inside the
     special tokens (FLERT: Schweter & Akbik 2020). Context sub-tokens have no word id, so they are never labelled
     nor read out: the sentence's labels, loss and predictions stay its own. Sides share what ``max_length`` leaves."""
@@ -168,7 +185,13 @@ def with_context(window: Window, tokens: int, max_length: int, left_ids, right_i
     right_part = tuple(right[:n_right]) if n_right > 0 else ()
     new_ids = ids[:a] + left_part + ids[a:b] + right_part + ids[b:]
     new_wids = wids[:a] + (None,) * len(left_part) + wids[a:b] + (None,) * len(right_part) + wids[b:]
-    return Window(window.sentence, new_ids, new_wids, window.first, window.last)
+    types = window.type_ids
+    if types is not None:  # the context's sub-tokens carry their own words' case
+        lb, rb = left_bits[window.sentence], right_bits[window.sentence]
+        lt = tuple(lb[len(lb) - n_left :]) if n_left > 0 else ()
+        rt = tuple(rb[:n_right]) if n_right > 0 else ()
+        types = types[:a] + lt + types[a:b] + rt + types[b:]
+    return Window(window.sentence, new_ids, new_wids, window.first, window.last, types)
 
 
 def encode(
@@ -178,6 +201,7 @@ def encode(
     progress: bool = False,
     contexts: Sequence[Context] | None = None,
     context: int | Sequence[int] = 0,
+    case: bool | Sequence[bool] = False,
 ) -> tuple[list[Window], int]:
     """Tokenize pre-split words; sentences longer than ``max_length`` become overlapping windows.
 
@@ -185,17 +209,27 @@ def encode(
     A word the tokenizer turns into nothing (control characters, zero-width spaces) is replaced by the
     unknown token, so every word keeps a first sub-token and a prediction. ``contexts`` (``document_contexts``)
     and ``context`` (sub-tokens per side; one for all or one per sentence): each sentence that fits whole is
-    read with its document around it (``with_context``); a windowed sentence is its own context.
+    read with its document around it (``with_context``); a windowed sentence is its own context. ``case`` (one
+    for all or one per sentence): each sub-token's ``case_bit`` as its token type (``Window.type_ids``).
     """
-    windows, windowed = _encode(tokenizer, [list(s) for s in sentences], max_length, progress)
+    sentences = [list(s) for s in sentences]
+    windows, windowed = _encode(tokenizer, sentences, max_length, progress)
+    cased = [case] * len(sentences) if isinstance(case, bool) else list(case)
+    if any(cased):
+        windows = [
+            Window(w.sentence, w.input_ids, w.word_ids, w.first, w.last, case_bits(sentences[w.sentence], w.word_ids))
+            if cased[w.sentence]
+            else w
+            for w in windows
+        ]
     sizes = [context] * len(sentences) if isinstance(context, int) else list(context)
     if contexts is None or not any(sizes):
         return windows, windowed
-    left_ids = _token_ids(tokenizer, [c[0] for c in contexts])
-    right_ids = _token_ids(tokenizer, [c[1] for c in contexts])
+    left_ids, left_bits = _token_ids(tokenizer, [c[0] for c in contexts])
+    right_ids, right_bits = _token_ids(tokenizer, [c[1] for c in contexts])
     per_sentence = Counter(w.sentence for w in windows)
     return [
-        with_context(w, sizes[w.sentence], max_length, left_ids, right_ids)
+        with_context(w, sizes[w.sentence], max_length, left_ids, right_ids, left_bits, right_bits)
         if per_sentence[w.sentence] == 1 and sizes[w.sentence] > 0
         else w
         for w in windows
@@ -253,6 +287,12 @@ def collate(windows: Sequence[Window], pad_id: int, labels: Sequence[Sequence[in
         ids[r, : len(w.input_ids)] = torch.tensor(w.input_ids)
         mask[r, : len(w.input_ids)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if any(w.type_ids is not None for w in windows):  # --case: a window without types (another adapter's) is all 0
+        types = torch.zeros((len(windows), length), dtype=torch.long)
+        for r, w in enumerate(windows):
+            if w.type_ids is not None:
+                types[r, : len(w.type_ids)] = torch.tensor(w.type_ids)
+        batch["token_type_ids"] = types
     if labels is not None:
         lab = torch.full((len(windows), length), IGNORE, dtype=torch.long)
         for r, w in enumerate(windows):

@@ -94,7 +94,10 @@ def encoder_linear_names(model) -> list[str]:
     return leaves
 
 
-def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
+CASE_MODULE = "token_type_embeddings"  # BERT's; --case trains it with the adapter (modules_to_save)
+
+
+def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None, case: bool = False):
     """PEFT's LoraConfig for ``lora`` (``model``: the base, needed to resolve ``all-linear``)."""
     from peft import LoraConfig, TaskType
 
@@ -121,8 +124,22 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None):
         layers_to_transform=layers,
         layers_pattern="layer" if layers is not None else None,
         use_rslora=lora.rslora,
+        modules_to_save=[CASE_MODULE] if case else None,
         inference_mode=inference_mode,
     )
+
+
+def prepare_case(base) -> None:
+    """--case: token type 1 starts as a copy of type 0, so the base reads text as it was trained to until the
+    adapter learns what case adds. Needs a BERT-style base with two token types (RoBERTa has one)."""
+    emb = getattr(encoder_layers(base)[0].embeddings, CASE_MODULE, None)
+    if emb is None or emb.num_embeddings < 2:
+        raise ValueError(
+            f"--case needs a base with two token types (BERT-style); {type(base).__name__} has "
+            f"{0 if emb is None else emb.num_embeddings}"
+        )
+    with torch.no_grad():
+        emb.weight[1:] = emb.weight[0]
 
 
 def encoder_layers(model):
@@ -162,7 +179,9 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
             base = AutoModelForTokenClassification.from_config(mconf)
     else:
         base = load_base(path, labels)
-    config = lora_config(cfg.lora, model=base)  # its errors name their flag
+    if cfg.train.case and not meta:
+        prepare_case(base)
+    config = lora_config(cfg.lora, model=base, case=cfg.train.case)  # its errors name their flag
     try:
         model = get_peft_model(base, config)
     except ValueError as e:  # PEFT's: target modules not found in the base model

@@ -192,6 +192,7 @@ class AdapterRef:
     decode: str  # the run's --decode; argmax for plain PEFT adapters
     max_length: int | None = None
     context: int = 0  # the run's --context: sub-tokens of document context each side; 0 for plain PEFT adapters
+    case: bool = False  # the run's --case: token types carry each word's case
     bias: str = "none"
     peft_type: str = "LORA"
     config: Config | None = None  # the run's settings; None for a plain PEFT adapter
@@ -261,6 +262,7 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
         decode=cfg.train.decode if cfg is not None else "argmax",
         max_length=cfg.train.max_length if cfg is not None else None,
         context=cfg.train.context if cfg is not None else 0,
+        case=cfg.train.case if cfg is not None else False,
         bias=acfg.get("bias", "none"),
         peft_type=acfg.get("peft_type", "LORA"),
         config=cfg,

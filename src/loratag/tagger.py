@@ -53,6 +53,7 @@ class Tagger:
         device: str | torch.device | None = None,
         decode: str = "argmax",
         context: int = 0,
+        case: bool = False,
     ):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -66,6 +67,8 @@ class Tagger:
             raise ValueError(f"--context must be >= 0 sub-tokens, got {context}")
         self.context = context
         """Sub-tokens of document context on each side of a sentence (the run's --context; 0: none)."""
+        self.case = case
+        """The run's --case: each sub-token's token type says whether its word has an upper-case letter."""
 
     @property
     def quantized(self) -> dict | None:
@@ -97,6 +100,7 @@ class Tagger:
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
             kw["decode"] = ref.decode
         kw.setdefault("context", ref.context)  # as the run was trained: the same context at inference
+        kw.setdefault("case", ref.case)
         if quantize not in (None, "int8"):
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         if quantize == "int8":
@@ -150,7 +154,9 @@ class Tagger:
         sentence, for a model holding several (``adapter_names``). ``contexts`` (``Tagger.contexts``): the words
         around each sentence in its document (``context``: sub-tokens per side per sentence; else the tagger's)."""
         size = self.context if context is None else list(context)
-        windows, windowed = encode(self.tokenizer, sentences, self.max_length, contexts=contexts, context=size)
+        windows, windowed = encode(
+            self.tokenizer, sentences, self.max_length, contexts=contexts, context=size, case=self.case
+        )
         # sized by the model's output (a server's stacked heads are padded to the widest adapter's)
         out: list = [None if len(s) else torch.zeros(0, len(self.labels)) for s in sentences]
         was_training = self.model.training

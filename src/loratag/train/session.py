@@ -99,7 +99,7 @@ class Session:
         self.max_length = min(t.max_length or 10**9, model_max_length(self.tokenizer, self.model.config))
         words = [s.tokens for s in train_set]
         contexts = document_contexts(words, [s.doc for s in train_set], t.context)
-        windows, windowed = encode(self.tokenizer, words, self.max_length, progress, contexts, t.context)
+        windows, windowed = encode(self.tokenizer, words, self.max_length, progress, contexts, t.context, t.case)
         self.windows = [w for w in windows if w.last > w.first]  # a window that owns no word has nothing to learn
         self.setup["tokenize"] = time.monotonic() - phase
         self.context = self._context_report(train_set, windows) if t.context else None
@@ -111,7 +111,7 @@ class Session:
         self.cache, self.below = self._cache_lower_layers()
         self.evaluator = Tagger(
             self.model, self.tokenizer, self.labels, self.max_length, t.precision, t.eval_batch_size, device, t.decode,
-            t.context,
+            t.context, t.case,
         )  # fmt: skip
         self.forward = self._data_parallel() if dist.active else self.model
         self.facts = self._facts(len(train_set), windowed)

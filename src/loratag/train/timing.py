@@ -80,7 +80,9 @@ def eval_work(s: Session, sentences) -> int:
         return 0
     words = [x.tokens for x in sentences]
     contexts = s.evaluator.contexts(words, [x.doc for x in sentences])
-    windows, _ = encode(s.tokenizer, words, s.max_length, contexts=contexts, context=s.cfg.train.context)
+    windows, _ = encode(
+        s.tokenizer, words, s.max_length, contexts=contexts, context=s.cfg.train.context, case=s.cfg.train.case
+    )
     lengths = [len(w.input_ids) for w in windows]
     groups = inference_batches(lengths, s.cfg.train.eval_batch_size)
     return sum(PASS_TOKENS + len(g) * padded_length(max(lengths[i] for i in g)) for g in groups)
