@@ -91,3 +91,33 @@ def test_viterbi_many_gives_each_sentence_the_path_viterbi_gives_it():
     many = viterbi_many([s.numpy() for s in sentences], names, chunk=8)
     assert many == [viterbi(s, names) if len(s) else [] for s in sentences]
     assert all(len(p) == n for p, n in zip(many, lengths))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scores_are_seqevals_scores(seed):
+    """evaluation.scores counts seqeval's entities once; precision, recall, F1 and every per-type row must be what
+    seqeval's own report and f1_score give, on sequences with stray I- tags, type switches and empty sentences."""
+    import random
+
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    from loratag.evaluation import mentions, scores
+
+    rng = random.Random(seed)
+    tags = ["O", "O", "O", "B-DNA", "I-DNA", "B-protein", "I-protein", "I-RNA", "B-cell_type"]
+    gold = [[rng.choice(tags) for _ in range(rng.randint(0, 12))] for _ in range(200)]
+    pred = [[t if rng.random() < 0.7 else rng.choice(tags) for t in s] for s in gold]
+    got = scores(gold, pred)
+    assert got["precision"] == pytest.approx(precision_score(gold, pred, zero_division=0), abs=1e-12)
+    assert got["recall"] == pytest.approx(recall_score(gold, pred, zero_division=0), abs=1e-12)
+    assert got["f1"] == pytest.approx(f1_score(gold, pred, zero_division=0), abs=1e-12)
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    rows = {k: v for k, v in report.items() if not k.endswith(" avg")}
+    assert set(got["per_type"]) == set(rows) == {"DNA", "protein", "RNA", "cell_type"}
+    for k, v in rows.items():
+        mine = got["per_type"][k]
+        assert (mine["precision"], mine["recall"], mine["f1"]) == pytest.approx(
+            (v["precision"], v["recall"], v["f1-score"]), abs=1e-12
+        )
+        assert mine["support"] == v["support"]
+    assert scores(gold, pred, mentions(gold)) == got  # gold entities counted once for several predictions
