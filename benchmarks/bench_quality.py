@@ -209,6 +209,21 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "slice2k-case": ("slice2k-6ep with --case", "slice2k-6ep", {"--case": "true"}),
     "dna5k-case": ("dna5k-4ep with --case", "dna5k-4ep", {"--case": "true"}),
     "defaults-4ep-case": ("defaults-4ep with --case", "defaults-4ep", {"--case": "true"}),
+    "slice5k-fifth-again": (
+        "slice5k-defaults-fifth again, evaluation scoring entities once",
+        "slice5k-defaults-fifth",
+        {},
+    ),
+    "slice5k-fifth-2x": (
+        "slice5k-defaults-fifth with twice the budget (F1 against steps)",
+        "slice5k-defaults",
+        {"--time-budget": "share-of:slice5k-guide-2ep:0.4"},
+    ),
+    "slice5k-fifth-4x": (
+        "slice5k-defaults-fifth with four times the budget (F1 against steps)",
+        "slice5k-defaults",
+        {"--time-budget": "share-of:slice5k-guide-2ep:0.8"},
+    ),
 }
 
 
@@ -223,16 +238,17 @@ def flags_of(name: str) -> dict:
 
 def resolved(flags: dict, results: Path) -> dict:
     """``--time-budget fifth-of:ARM``: a fifth of that (guide) arm's training minutes, as recorded in this run's
-    results, so the two are measured on the same machine in one study."""
+    results, so the two are measured on the same machine in one study; ``share-of:ARM:X``: X times them."""
     out = dict(flags)
     spec = out.get("--time-budget", "")
-    if spec.startswith("fifth-of:"):
-        ref = spec.split(":", 1)[1]
+    if spec.startswith(("fifth-of:", "share-of:")):
+        kind, ref, *share = spec.split(":")
+        share = 0.2 if kind == "fifth-of" else float(share[0])
         rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.is_file() else []
         mins = [r["train_minutes"] for r in rows if r["arm"] == ref]
         if not mins:
             raise SystemExit(f"--time-budget {spec}: run the arm {ref} first")
-        out["--time-budget"] = f"{mins[-1] / 5:.2f}"
+        out["--time-budget"] = f"{mins[-1] * share:.2f}"
     return out
 
 

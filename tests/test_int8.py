@@ -12,7 +12,7 @@ import torch
 
 from loratag.cli import main
 from loratag.labels import repair_iob2
-from loratag.tagger import Tagger
+from loratag.tagger import Tagger, export_transformers
 from loratag.text import split_words
 
 from .conftest import tagging_cfg
@@ -143,7 +143,7 @@ def test_quantize_errors(bert_run, tmp_path, capsys):
     assert "--precision bf16" in capsys.readouterr().err
     q = Tagger.load(bert_run, quantize="int8")
     with pytest.raises(ValueError, match="cannot be saved for transformers"):
-        q.export(tmp_path / "y")
+        export_transformers(q, tmp_path / "y")
     with pytest.raises(ValueError, match="one merged adapter"):
         q.word_logits(_words(), adapters=["a", "a", "a"])
 

@@ -23,7 +23,7 @@ from . import rundir
 log = logging.getLogger("loratag")
 
 SETTINGS_THAT_MUST_AGREE = ("model", "lora.bias", "lora.target_modules", "lora.top_layers",
-                            "train.max_length", "train.context", "train.decode")  # fmt: skip
+                            "train.max_length", "train.context", "train.case", "train.decode")  # fmt: skip
 
 
 def _same(value):
@@ -67,7 +67,7 @@ def average_adapters(adapters: list[Path]) -> tuple[dict[str, torch.Tensor], dic
             out[name] = torch.cat([w[name].float() * (s / k) for w, s in zip(weights, scales)], dim=1).contiguous()
         elif ".lora_embedding_A" in name or ".lora_embedding_B" in name:
             raise ValueError(f"{adapters[0]}: LoRA on embeddings is not averaged")
-        elif t.is_floating_point():  # trained biases, the classifier head
+        elif t.is_floating_point():  # trained biases, the classifier head, --case's token-type table
             out[name] = (sum(w[name].float() for w in weights) / k).to(t.dtype)
         else:
             out[name] = t

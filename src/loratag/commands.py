@@ -156,7 +156,7 @@ def add_export(sub) -> None:
 
 def export(args) -> None:
     from .labels import LabelSet
-    from .tagger import Tagger
+    from .tagger import Tagger, export_transformers
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
@@ -170,7 +170,7 @@ def export(args) -> None:
         record = export_dir(tagger, args.out, args.quantize)
         print(f"ONNX ({', '.join(record['files'].values())}) -> {args.out}")
         return
-    tagger.export(args.out)
+    export_transformers(tagger, args.out)
     print(f"merged model -> {args.out}")
 
 

@@ -307,6 +307,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
 
+    def __post_init__(self):
+        if self.train.case and self.lora.top_layers is not None:
+            raise ValueError(
+                "--case trains the token-type table, below every layer; --lora-top-layers computes the layers below "
+                "its adapted ones once, from the table as it starts: drop one of them"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora"]["target_modules"] = list(self.lora.target_modules) if self.lora.target_modules else None

@@ -35,6 +35,13 @@ def case_bit(word: str) -> int:
     return 1 if any(c.isupper() for c in word) else 0
 
 
+CASE_NOTE = (
+    "the model was trained with --case: token_type_ids must be 1 for every sub-token of a word with an upper-case "
+    "letter and 0 elsewhere (special tokens, padding); a transformers pipeline passes the tokenizer's all-zero token "
+    "types, so it reads every word as lower-case and its predictions differ from loratag's"
+)
+
+
 def case_bits(words: Sequence[str], word_ids: Sequence[int | None]) -> tuple[int, ...]:
     """Each sub-token's ``case_bit`` of its word (0 for special tokens)."""
     return tuple(0 if w is None else case_bit(words[w]) for w in word_ids)

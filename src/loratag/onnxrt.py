@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .encoding import CASE_NOTE
 from .precision import cpu_features
 
 log = logging.getLogger("loratag")
@@ -71,21 +72,22 @@ class Int8Scheme:
 
 
 class _ExportWrapper(torch.nn.Module):
-    """input_ids, attention_mask -> logits. ``additive``: the 2-D mask expanded into the additive 4-D one transformers
-    4 built (``(1 - mask) -> min where masked``), the pattern ORT's attention fusion matches; transformers 5 takes a
-    4-D mask as given, and the result is checked against the torch model before it is used."""
+    """input_ids, attention_mask (and token_type_ids, for a model trained with ``--case``) -> logits. ``additive``:
+    the 2-D mask expanded into the additive 4-D one transformers 4 built (``(1 - mask) -> min where masked``), the
+    pattern ORT's attention fusion matches; transformers 5 takes a 4-D mask as given, and the result is checked
+    against the torch model before it is used."""
 
     def __init__(self, model, additive: bool):
         super().__init__()
         self.model, self.additive = model, additive
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
         mask = attention_mask
         if self.additive:
             b, n = attention_mask.shape
             inverted = 1.0 - attention_mask[:, None, None, :].expand(b, 1, n, n).to(torch.float32)
             mask = inverted.masked_fill(inverted.to(torch.bool), torch.finfo(torch.float32).min)
-        return self.model(input_ids=input_ids, attention_mask=mask).logits
+        return self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids).logits
 
 
 @contextmanager
@@ -101,17 +103,23 @@ def _eager_attention(model):
             model.set_attn_implementation(before)
 
 
-def _sample(vocab_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rows of different lengths (padding included), for tracing and for the check."""
+def _sample(vocab_size: int, pad_id: int, types: bool = False) -> tuple[torch.Tensor, ...]:
+    """Two rows of different lengths (padding included), for tracing and for the check; ``types``: with token
+    types of both kinds (``--case``)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, max(vocab_size, 6), (2, 24), generator=gen)
     mask = torch.ones_like(ids)
     ids[1, 13:], mask[1, 13:] = pad_id, 0
-    return ids, mask
+    if not types:
+        return ids, mask
+    return ids, mask, torch.randint(0, 2, ids.shape, generator=gen) * mask
+
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _torch_export(wrapper, sample, path: Path) -> None:
-    names = ["input_ids", "attention_mask"]
+    names = list(INPUTS[: len(sample)])
     axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "logits"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings about Python control flow
@@ -133,21 +141,23 @@ def _session(path: Path, threads: int | None = None):
     )
 
 
-def _run(session, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+def _run(session, *tensors: torch.Tensor) -> torch.Tensor:
+    """The session's logits for ``input_ids, attention_mask[, token_type_ids]``."""
+    return torch.from_numpy(session.run(["logits"], {n: t.numpy() for n, t in zip(INPUTS, tensors)})[0])
 
 
-def export_fp32(model, path: Path, pad_id: int = 0, atol: float = 1e-3) -> dict:
+def export_fp32(model, path: Path, pad_id: int = 0, atol: float = 1e-3, types: bool = False) -> dict:
     """A merged transformers token classifier -> ``path`` (fp32 ONNX; attention, LayerNorm and GELU fused where ORT
-    knows the architecture). Returns what was fused. Stops if the file answers differently from the torch model."""
+    knows the architecture). Returns what was fused. Stops if the file answers differently from the torch model.
+    ``types``: the model reads token types (``--case``), a third input."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = model.eval().float()
     cfg = model.config
-    sample = _sample(cfg.vocab_size, pad_id)
+    sample = _sample(cfg.vocab_size, pad_id, types)
     with torch.inference_mode():
-        expected = model(input_ids=sample[0], attention_mask=sample[1]).logits
+        expected = model(**dict(zip(INPUTS, sample))).logits
     path.parent.mkdir(parents=True, exist_ok=True)
     fusable = cfg.model_type in FUSED_TYPES
     with _eager_attention(model), torch.no_grad():
@@ -237,17 +247,23 @@ class OrtTokenClassifier:
     def parameters(self):
         yield torch.zeros(0)  # the Tagger reads the device from the first parameter: the CPU
 
-    def __call__(self, input_ids, attention_mask, **kw):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, **kw):
         if kw.get("adapter_names") is not None:
             raise ValueError("an int8 ONNX model holds one merged adapter; it cannot take adapter_names")
-        return SimpleNamespace(logits=_run(self.session, input_ids.cpu(), attention_mask.cpu()))
+        inputs = [input_ids.cpu(), attention_mask.cpu()]
+        if any(i.name == "token_type_ids" for i in self.session.get_inputs()):  # a --case model
+            inputs.append(torch.zeros_like(inputs[0]) if token_type_ids is None else token_type_ids.cpu())
+        elif token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError("this ONNX model was exported without token types; it cannot read them")
+        return SimpleNamespace(logits=_run(self.session, *inputs))
 
 
-def int8_model(model, pad_id: int = 0, scheme: Int8Scheme | None = None) -> OrtTokenClassifier:
-    """A merged torch token classifier -> an int8 ORT model held in memory (the files go to a temporary folder)."""
+def int8_model(model, pad_id: int = 0, scheme: Int8Scheme | None = None, types: bool = False) -> OrtTokenClassifier:
+    """A merged torch token classifier -> an int8 ORT model held in memory (the files go to a temporary folder).
+    ``types``: the model reads token types (``--case``)."""
     with tempfile.TemporaryDirectory(prefix="loratag-onnx-") as tmp:
         fp32 = Path(tmp) / FP32_FILE
-        facts = export_fp32(model, fp32, pad_id)
+        facts = export_fp32(model, fp32, pad_id, types=types)
         scheme = quantize_int8(fp32, Path(tmp) / INT8_FILE, scheme)
         describe = {**scheme.describe(), "fused": facts["fused"]}
         return OrtTokenClassifier(Path(tmp) / INT8_FILE, model.config, describe=describe)
@@ -266,10 +282,10 @@ def export_dir(tagger, out: Path, quantize: str | None = None) -> dict:
         raise ValueError("export --onnx needs the float model: load the run without --quantize")
     out.mkdir(parents=True, exist_ok=True)
     model.config.id2label, model.config.label2id = tagger.labels.id2label, tagger.labels.label2id
-    facts = export_fp32(model, out / FP32_FILE, tagger.tokenizer.pad_token_id or 0)
+    facts = export_fp32(model, out / FP32_FILE, tagger.tokenizer.pad_token_id or 0, types=tagger.case)
     record = {
         "files": {"fp32": FP32_FILE},
-        "inputs": ["input_ids", "attention_mask"],
+        "inputs": list(INPUTS if tagger.case else INPUTS[:2]),
         "outputs": ["logits"],
         "fused": facts["fused"],
         "max_abs_logit_difference_vs_torch": facts["max_abs_logit_difference"],
@@ -278,6 +294,8 @@ def export_dir(tagger, out: Path, quantize: str | None = None) -> dict:
         "decode": tagger.decode,
         "word_label": "each word's label is the label of its first sub-token",
     }
+    if tagger.case:
+        record["token_type_ids"] = CASE_NOTE
     if quantize == "int8":
         scheme = quantize_int8(out / FP32_FILE, out / INT8_FILE)
         record["files"]["int8"] = INT8_FILE

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -220,6 +221,20 @@ def known_labels(path: Path) -> LabelSet | None:
     return adapter_labels(adapter, Path(path) if cfg is not None else None)
 
 
+def _trains_token_types(acfg: dict, path: Path) -> bool:
+    """A plain PEFT adapter folder that trains BERT's token-type table whole was trained as ``--case`` trains (no
+    loratag setting is at hand to say so): read it the same way, and say so."""
+    from .modeling import CASE_MODULE
+
+    if not any(str(m).split(".")[-1] == CASE_MODULE for m in acfg.get("modules_to_save") or ()):
+        return False
+    logging.getLogger("loratag").info(
+        "%s: the adapter trains the token-type table (modules_to_save), as loratag --case does: each word's case "
+        "is read as its token type", path,
+    )  # fmt: skip
+    return True
+
+
 def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None = None) -> AdapterRef:
     """What a run or a plain PEFT adapter needs to load, with one rule for everyone. Labels: the adapter's own
     (the run's labels.json, or a config.json with id2label beside the adapter); ``labels`` (``--labels``) only
@@ -253,6 +268,7 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
         metrics = {k: test[k] for k in ("precision", "recall", "f1")} if test else {}
         if test and "untyped" in test:  # boundary-only F1 beside the typed one, as every score loratag prints
             metrics["untyped_f1"] = test["untyped"]["f1"]
+    case = cfg.train.case if cfg is not None else _trains_token_types(acfg, path)
     return AdapterRef(
         path=path,
         adapter_dir=adapter,
@@ -262,7 +278,7 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
         decode=cfg.train.decode if cfg is not None else "argmax",
         max_length=cfg.train.max_length if cfg is not None else None,
         context=cfg.train.context if cfg is not None else 0,
-        case=cfg.train.case if cfg is not None else False,
+        case=case,
         bias=acfg.get("bias", "none"),
         peft_type=acfg.get("peft_type", "LORA"),
         config=cfg,

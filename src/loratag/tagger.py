@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import DECODINGS
-from .encoding import Context, collate, document_contexts, encode, inference_batches
+from .encoding import CASE_NOTE, Context, collate, document_contexts, encode, inference_batches
 from .labels import LabelSet, repair_iob2, viterbi_many
 from .modeling import load_adapter, load_tokenizer, model_max_length, resolve_model
 from .precision import autocast, device_of, precision_name, resolve_precision
@@ -119,19 +120,8 @@ class Tagger:
         if quantize == "int8":
             from .onnxrt import int8_model
 
-            model = int8_model(model, tokenizer.pad_token_id or 0)
+            model = int8_model(model, tokenizer.pad_token_id or 0, types=kw["case"])
         return cls(model, tokenizer, ref.labels, device=device_of(device), **kw)
-
-    def export(self, out: str | Path) -> None:
-        """A standalone transformers model: LoRA merged, the adapter's classifier head, id2label/label2id."""
-        model = self.model
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        if self.quantized:
-            raise ValueError("an int8 model cannot be saved for transformers; use export --onnx --quantize int8")
-        model.config.id2label, model.config.label2id = self.labels.id2label, self.labels.label2id
-        model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
 
     def contexts(
         self, sentences: Sequence[Sequence[str]], docs: Sequence | None, context: Sequence[int] | None = None
@@ -148,14 +138,17 @@ class Tagger:
         adapters: Sequence[str] | None = None,
         contexts: Sequence[Context] | None = None,
         context: Sequence[int] | None = None,
+        case: Sequence[bool] | None = None,
     ) -> WordLogits:
         """Per sentence, a float32 ``(words, labels)`` tensor: each word's logits at its first sub-token, from the
         window where it is most central (and how many sentences needed windows). ``adapters``: an adapter name per
         sentence, for a model holding several (``adapter_names``). ``contexts`` (``Tagger.contexts``): the words
-        around each sentence in its document (``context``: sub-tokens per side per sentence; else the tagger's)."""
+        around each sentence in its document (``context``: sub-tokens per side per sentence; else the tagger's).
+        ``case``: per sentence, whether its adapter reads case as token types (else the tagger's ``case``)."""
         size = self.context if context is None else list(context)
+        cased = self.case if case is None else list(case)
         windows, windowed = encode(
-            self.tokenizer, sentences, self.max_length, contexts=contexts, context=size, case=self.case
+            self.tokenizer, sentences, self.max_length, contexts=contexts, context=size, case=cased
         )
         # sized by the model's output (a server's stacked heads are padded to the widest adapter's)
         out: list = [None if len(s) else torch.zeros(0, len(self.labels)) for s in sentences]
@@ -189,12 +182,13 @@ class Tagger:
         decodes: Sequence[str] | None = None,
         docs: Sequence | None = None,
         context: Sequence[int] | None = None,
+        case: Sequence[bool] | None = None,
     ) -> list[tuple[list[str], list[float]]]:
         """Pre-split words -> per sentence, IOB2 labels and their probabilities (``adapters``, ``label_sets``,
-        ``decodes``, ``context``: one per sentence, when adapters differ; ``docs``: a document key per sentence,
-        consecutive sentences with the same key being one document's, read in context)."""
+        ``decodes``, ``context``, ``case``: one per sentence, when adapters differ; ``docs``: a document key per
+        sentence, consecutive sentences with the same key being one document's, read in context)."""
         contexts = self.contexts(sentences, docs, context)
-        logits = self.word_logits(sentences, progress, adapters, contexts, context)
+        logits = self.word_logits(sentences, progress, adapters, contexts, context, case)
         return self.decode_logits(logits, label_sets, decodes)
 
     def decode_logits(self, word_logits: list, label_sets: Sequence[LabelSet] | None = None, decode=None) -> list:
@@ -212,12 +206,13 @@ class Tagger:
         decodes: Sequence[str] | None = None,
         context: Sequence[int] | None = None,
         groups: Sequence | None = None,
+        case: Sequence[bool] | None = None,
     ) -> list[TaggedDocument]:
         """Raw texts -> sentences -> words with offsets -> labels -> entities. All sentences of all texts are
         batched together (sorted by length); entity offsets point into each original text; each sentence is read
         with its text around it where the model was trained so (``--context``). ``adapters``, ``label_sets``,
-        ``decodes`` and ``context``: one per text, for a model holding several adapters. ``groups``: a key per text;
-        consecutive texts with the same key (a document's passages) are read as one document's context."""
+        ``decodes``, ``context`` and ``case``: one per text, for a model holding several adapters. ``groups``: a key
+        per text; consecutive texts with the same key (a document's passages) are read as one document's context."""
         docs, flat = [], []
         for d, text in enumerate(texts):
             docs.append(TaggedDocument(text))
@@ -231,6 +226,7 @@ class Tagger:
             None if decodes is None else [decodes[d] for d, _ in flat],
             [d for d, _ in flat] if groups is None else [groups[d] for d, _ in flat],
             None if context is None else [context[d] for d, _ in flat],
+            None if case is None else [case[d] for d, _ in flat],
         )
         for (d, sentence), (labels, scores) in zip(flat, predictions):
             doc = docs[d]
@@ -282,3 +278,18 @@ def decode_word_logits(
         probs = logp.gather(1, ids[i][:, None])[:, 0].exp()
         out.append((repair_iob2([names[i][j] for j in ids[i].tolist()])[0], [round(p, 4) for p in probs.tolist()]))
     return out
+
+
+def export_transformers(tagger: Tagger, out: str | Path) -> None:
+    """A standalone transformers model: LoRA merged, the adapter's classifier head, id2label/label2id."""
+    model = tagger.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if tagger.quantized:
+        raise ValueError("an int8 model cannot be saved for transformers; use export --onnx --quantize int8")
+    model.config.id2label, model.config.label2id = tagger.labels.id2label, tagger.labels.label2id
+    if tagger.case:  # said in the folder (config.json) and now: a pipeline would read every word lower-cased
+        model.config.loratag_token_types = CASE_NOTE
+        logging.getLogger("loratag").warning("export: %s", CASE_NOTE)
+    model.save_pretrained(out)
+    tagger.tokenizer.save_pretrained(out)

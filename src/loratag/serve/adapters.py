@@ -49,6 +49,7 @@ class Adapter:
     adapter_dir: Path | None = None
     decode: str = "argmax"  # the run's --decode (what it chose its epoch by); argmax for plain PEFT adapters
     context: int = 0  # the run's --context: each text's sentences are read with the text around them
+    case: bool = False  # the run's --case: each word's case is read as its token type
 
 
 def parse_runs(specs: list[str], runs_dir: Path | None = None, allow_none: bool = False) -> list[tuple[Path, str]]:
@@ -76,7 +77,9 @@ def describe(path: Path, name: str, labels: LabelSet | None, base: str | None) -
     ref = resolve_adapter(path, labels, base)
     if ref.peft_type != "LORA":
         raise ValueError(f"{path}: a {ref.peft_type} adapter; only LoRA adapters are served")
-    adapter = Adapter(name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode, ref.context)
+    adapter = Adapter(
+        name, path, ref.labels, ref.metrics, ref.bias, ref.adapter_dir, ref.decode, ref.context, ref.case
+    )
     return adapter, resolve_model(ref.base)
 
 

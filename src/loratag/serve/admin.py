@@ -12,7 +12,7 @@ from .schemas import AdapterOut, AdaptersResponse, AddAdapter
 def adapter_json(a, status: str = "ready", error: str | None = None) -> dict:
     return {
         "name": a.name, "status": status, "labels": list(a.labels.labels), "bias": a.bias, "decode": a.decode,
-        "context": a.context, "metrics": a.metrics, "error": error,
+        "context": a.context, "case": a.case, "metrics": a.metrics, "error": error,
     }  # fmt: skip
 
 

@@ -12,15 +12,16 @@ its own adapter, as in PEFT.
 Adapters trained with bias "all" or "lora_only" change the base model's own biases (Linear and LayerNorm). PEFT
 writes them into the shared base (so it allows one such adapter); here each module whose bias some adapter trained
 holds a stacked ``(adapters, features)`` bias and adds each row's own, the base's weights and biases untouched.
-Classifier heads are stacked too, zero-padded to the widest, so adapters with different label sets share a batch.
+Classifier heads are stacked too, zero-padded to the widest, so adapters with different label sets share a batch;
+and tables trained whole (``--case``: the token-type table), each row reading its own adapter's (or the base's).
 
 The stacked tensors of one set of adapters form a ``Stack``, immutable once built. A forward pass reads the stack
 it started with (the model's current one, or one pinned for the thread), so a server can add, replace and remove
 adapters between passes (``MultiLoraModel.install``) while passes run: none ever mixes two sets.
 
 Written by hand for those reasons; ``weights_of`` raises Unstackable for anything beyond plain LoRA on Linear and
-Embedding layers, Linear classifier heads and biases of Linear / LayerNorm modules (DoRA, LoRA's own lora_bias,
-variants, convolutions), and callers then keep PEFT's own mixed-batch path.
+Embedding layers, Linear classifier heads, Embedding tables trained whole and biases of Linear / LayerNorm modules
+(DoRA, LoRA's own lora_bias, variants, convolutions), and callers then keep PEFT's own mixed-batch path.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class AdapterWeights:
     embed: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # A (r, vocab), sB (dim, r)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # trained biases of the base's modules
     head: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (module, weight, bias) of its classifier
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # Embedding tables trained whole: (rows, dim)
 
     @property
     def nbytes(self) -> int:
         tensors = [t for pair in (*self.lora.values(), *self.embed.values()) for t in pair]
-        tensors += list(self.biases.values()) + (list(self.head[1:]) if self.head else [])
+        tensors += list(self.biases.values()) + (list(self.head[1:]) if self.head else []) + list(self.tables.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -63,13 +65,15 @@ class Stack:
     embed: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (adapters, vocab, r), (adapters, dim, r)
     biases: dict[str, torch.Tensor]  # (adapters, features)
     head: tuple[str, torch.Tensor, torch.Tensor] | None  # module, (adapters, labels, hidden), (adapters, labels)
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # (adapters, rows, dim)
 
     @property
     def index(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.names)}
 
     def modules(self) -> set[str]:
-        return set(self.lora) | set(self.embed) | set(self.biases) | ({self.head[0]} if self.head else set())
+        head = {self.head[0]} if self.head else set()
+        return set(self.lora) | set(self.embed) | set(self.biases) | set(self.tables) | head
 
 
 class _Rows(threading.local):
@@ -128,6 +132,22 @@ class StackedEmbedding(nn.Module):
         return out + torch.bmm(low, b[idx].transpose(1, 2)).view_as(out).to(out.dtype)
 
 
+class StackedTable(nn.Module):
+    """A shared Embedding that some adapters trained whole (``--case``: the token-type table): each row looks its ids
+    up in its own adapter's table."""
+
+    def __init__(self, base: nn.Embedding, key: str, rows: _Rows):
+        super().__init__()
+        self.base, self.key, self.rows = base, key, rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        stack = self.rows.stack
+        table = stack.tables.get(self.key) if stack is not None else None
+        if table is None:
+            return self.base(ids)
+        return table[self.rows.index.view(-1, *([1] * (ids.dim() - 1))), ids]
+
+
 class StackedLayerNorm(nn.Module):
     """A shared LayerNorm whose bias (beta) some adapters trained."""
 
@@ -159,7 +179,8 @@ class StackedHead(nn.Module):
         return torch.baddbmm(bias[idx].unsqueeze(1), x.to(weight.dtype), weight[idx].transpose(1, 2))
 
 
-WRAPPERS = {"lora": StackedLinear, "embed": StackedEmbedding, "norm": StackedLayerNorm, "head": StackedHead}
+WRAPPERS = {"lora": StackedLinear, "embed": StackedEmbedding, "table": StackedTable, "norm": StackedLayerNorm,
+            "head": StackedHead}  # fmt: skip
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -167,7 +188,7 @@ def _plain(module: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    if isinstance(module, (StackedLinear, StackedEmbedding, StackedLayerNorm, StackedHead)):
+    if isinstance(module, tuple(WRAPPERS.values())):
         return module.base
     if isinstance(module, BaseTunerLayer):
         return module.get_base_layer()
@@ -182,6 +203,10 @@ def _kind(stack: Stack, key: str, module: nn.Module) -> str:
         if type(module) is not nn.Linear:
             raise Unstackable("a classifier head that is not one Linear layer")
         return "head"
+    if key in stack.tables:
+        if type(module) is not nn.Embedding or key in stack.embed:
+            raise Unstackable(f"{key} trained whole, a {type(module).__name__} (or with LoRA on it too)")
+        return "table"
     if key in stack.embed:
         return "embed"
     if type(module) is nn.Linear:
@@ -252,7 +277,7 @@ def weights_of(peft_model, name: str, biases=None, head=None, shown: str | None 
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
-    lora, embed, head_of = {}, {}, None
+    lora, embed, tables, head_of = {}, {}, {}, None
     for key, module in peft_model.base_model.model.named_modules():
         if isinstance(module, LoraLayer):
             if name not in module.lora_A and name not in module.lora_embedding_A:
@@ -270,6 +295,9 @@ def weights_of(peft_model, name: str, biases=None, head=None, shown: str | None 
                 raise Unstackable(f"LoRA on a {type(base).__name__}, not a Linear or Embedding layer")
         elif isinstance(module, ModulesToSaveWrapper):
             own = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
+            if type(own) is nn.Embedding:  # --case: the token-type table, trained whole
+                tables[key] = own.weight.detach()
+                continue
             if not isinstance(own, nn.Linear):
                 raise Unstackable("a classifier head that is not one Linear layer")
             if head is None:
@@ -279,7 +307,7 @@ def weights_of(peft_model, name: str, biases=None, head=None, shown: str | None 
         elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):  # other PEFT kinds
             raise Unstackable(f"{key} is a {type(module).__name__}, not plain LoRA")
     own_head = (head_of, *head) if head_of is not None and head is not None else None
-    return AdapterWeights(lora, embed, dict(biases or {}), own_head)
+    return AdapterWeights(lora, embed, dict(biases or {}), own_head, tables)
 
 
 def _stack_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor] | None], a_shape, b_shape, like: torch.Tensor):
@@ -324,6 +352,15 @@ def stack(names: list[str], weights: list[AdapterWeights], model: nn.Module) -> 
                 raise Unstackable(f"a bias of shape {tuple(v.shape)} for {key}, whose bias is {tuple(own.shape)}")
             rows.append(v.to(own.device, own.dtype))
         biases[key] = torch.stack(rows)
+    tables = {}
+    for key in sorted({k for w in weights for k in w.tables}):
+        base = _plain(model.get_submodule(key))
+        if type(base) is not nn.Embedding:
+            raise Unstackable(f"a table trained whole for {key}, a {type(base).__name__}")
+        rows = [w.tables.get(key, base.weight) for w in weights]  # an adapter that did not train it: the base's
+        if any(t.shape != base.weight.shape for t in rows):
+            raise Unstackable(f"a table trained whole for {key} of another shape than its {tuple(base.weight.shape)}")
+        tables[key] = torch.stack([t.to(base.weight.device, base.weight.dtype) for t in rows])
     heads = [w.head for w in weights if w.head is not None]
     head = None
     if heads:
@@ -339,7 +376,7 @@ def stack(names: list[str], weights: list[AdapterWeights], model: nn.Module) -> 
                 raise Unstackable(f"a classifier head for hidden size {w.shape[1]}, the base's is {like.shape[1]}")
             weight[i, : w.shape[0]], bias[i, : b.shape[0]] = w, b
         head = (key, weight, bias)
-    return Stack(tuple(names), lora, embed, biases, head)
+    return Stack(tuple(names), lora, embed, biases, head, tables)
 
 
 @torch.no_grad()

@@ -222,8 +222,10 @@ class AdapterPool:
         stack, served = self._ready(names)
         with self.model.pinned(stack):
             labels, decodes = [served[a].labels for a in adapters], [served[a].decode for a in adapters]
-            context = [served[a].context for a in adapters]
-            return tagger.tag_documents(texts, adapters=adapters, label_sets=labels, decodes=decodes, context=context)
+            context, case = [served[a].context for a in adapters], [served[a].case for a in adapters]
+            return tagger.tag_documents(
+                texts, adapters=adapters, label_sets=labels, decodes=decodes, context=context, case=case
+            )
 
 
 class Stacked:

@@ -77,6 +77,7 @@ class AdapterOut(BaseModel):
     bias: str = Field("none", description="which biases the adapter trained: none, all or lora_only")
     decode: str = Field("argmax", description="how its labels are decoded: argmax, or constrained (valid IOB2 only)")
     context: int = Field(0, description="sub-tokens of the text around each sentence it reads (its run's --context)")
+    case: bool = Field(False, description="whether it reads each word's case as its token type (its run's --case)")
     metrics: dict = {}
     error: str | None = Field(None, description="why it failed to load (a served adapter: why its replacement did)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, is_local_path
+from ..encoding import CASE_NOTE
 from ..labels import LabelSet
 from ..modeling import hub_id
 from ..plot import plot_runs
@@ -90,6 +91,8 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
         f"'{base}', num_labels={len(labels)}), 'adapter')`.",
         "",
     ]
+    if cfg.train.case:
+        lines[-1:-1] = ["", f"Token types (--case): {CASE_NOTE}; loratag's Tagger passes them."]
     write_atomic(out / CARD, "\n".join(lines).encode("utf-8"))
 
 
