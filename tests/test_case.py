@@ -113,6 +113,11 @@ def test_int8_and_the_transformers_export_of_a_case_run(case_run, tmp_path, capl
         export_transformers(float_tagger, tmp_path / "hf")
     assert "pipeline" in caplog.text
     assert "--case" in json.loads((tmp_path / "hf" / "config.json").read_text())["loratag_token_types"]
+    from loratag.onnxrt import export_dir
+
+    record = export_dir(float_tagger, tmp_path / "onnx")
+    assert record["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert "--case" in record["token_type_ids"]
 
 
 def test_case_needs_two_token_types(tiny_roberta, tmp_path):
