@@ -210,17 +210,17 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     "dna5k-case": ("dna5k-4ep with --case", "dna5k-4ep", {"--case": "true"}),
     "defaults-4ep-case": ("defaults-4ep with --case", "defaults-4ep", {"--case": "true"}),
     "slice5k-fifth-again": (
-        "slice5k-defaults-fifth again, evaluation scoring entities once",
+        "slice5k-defaults-fifth with the defaults now (evaluation scores entities once; --case auto: on)",
         "slice5k-defaults-fifth",
         {},
     ),
     "slice5k-fifth-2x": (
-        "slice5k-defaults-fifth with twice the budget (F1 against steps)",
+        "slice5k-fifth-again with twice the budget (F1 against steps)",
         "slice5k-defaults",
         {"--time-budget": "share-of:slice5k-guide-2ep:0.4"},
     ),
     "slice5k-fifth-4x": (
-        "slice5k-defaults-fifth with four times the budget (F1 against steps)",
+        "slice5k-fifth-again with four times the budget (F1 against steps)",
         "slice5k-defaults",
         {"--time-budget": "share-of:slice5k-guide-2ep:0.8"},
     ),

@@ -120,6 +120,27 @@ def test_int8_and_the_transformers_export_of_a_case_run(case_run, tmp_path, capl
     assert "--case" in record["token_type_ids"]
 
 
+def test_auto_turns_case_on_for_an_uncased_base_with_two_token_types_and_says_so(tiny_bert, tiny_roberta, caplog):
+    from transformers import AutoConfig
+
+    from loratag.modeling import auto_case
+
+    bert = (load_tokenizer(str(tiny_bert)), AutoConfig.from_pretrained(tiny_bert))
+    assert auto_case(*bert, None) == (True, "the base's tokenizer lower-cases and it has two token types")
+    assert auto_case(*bert, 2)[0] is False  # --lora-top-layers caches the layers below the table
+    roberta = (load_tokenizer(str(tiny_roberta)), AutoConfig.from_pretrained(tiny_roberta))
+    assert auto_case(*roberta, None) == (False, "the base's tokenizer keeps case")
+
+
+def test_a_run_records_what_auto_resolved_to(tiny_cfg, tmp_path, caplog):
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, case=None, epochs=1))
+    with caplog.at_level(logging.INFO, logger="loratag"):
+        run = train(cfg, tmp_path / "run", progress=False)
+    assert json.loads((run / "config.json").read_text())["train"]["case"] is True
+    assert "--case auto: on" in caplog.text
+    assert Tagger.load(run).case
+
+
 def test_case_needs_two_token_types(tiny_roberta, tmp_path):
     from .conftest import tagging_cfg
 
@@ -132,7 +153,7 @@ def test_case_needs_two_token_types(tiny_roberta, tmp_path):
 def test_case_and_cached_lower_layers_are_refused_together():
     from loratag.config import Config, LoraSettings, TrainConfig
 
-    with pytest.raises(ValueError, match="--case trains the token-type table"):
+    with pytest.raises(ValueError, match="--case trains the token-type table, below the layers"):
         Config(lora=LoraSettings(top_layers=2), train=TrainConfig(case=True))
 
 

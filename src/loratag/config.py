@@ -126,12 +126,13 @@ class TrainConfig:
         "and loss on the sentence only; evaluate, predict and serve read it the same way. Costs time: a sentence "
         "of S sub-tokens becomes up to S + 2N (0: each sentence alone, as the guide)",
     )
-    case: bool = _opt(
-        False,
+    case: bool | None = _opt(
+        None,
         "--case",
-        "give an uncased base the case back: each sub-token's token type is 1 where its word has an upper-case "
-        "letter (IL-2 / il-2), and the token-type embeddings train with the adapter (BERT-style bases with 2 "
-        "token types); evaluate, predict and serve read it the same way, but a plain transformers pipeline does not",
+        "true | false | auto: each sub-token's token type says if its word has an upper-case letter (IL-2 / il-2), "
+        "the token-type table trains with the adapter; evaluate, predict, serve read it so, a transformers pipeline "
+        "does not (export says so). auto: on for a base that lower-cases and has 2 token types (MiniLM), else off",
+        metavar="{true,false,auto}",
     )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
     max_train_sentences: int | None = _opt(
@@ -308,11 +309,8 @@ class Config:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
 
     def __post_init__(self):
-        if self.train.case and self.lora.top_layers is not None:
-            raise ValueError(
-                "--case trains the token-type table, below every layer; --lora-top-layers computes the layers below "
-                "its adapted ones once, from the table as it starts: drop one of them"
-            )
+        if self.train.case is True and self.lora.top_layers is not None:
+            raise ValueError("--case trains the token-type table, below the layers --lora-top-layers caches: drop one")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

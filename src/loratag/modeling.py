@@ -129,6 +129,21 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None, ca
     )
 
 
+def auto_case(tokenizer, model_config, top_layers) -> tuple[bool, str]:
+    """What ``--case auto`` resolves to for this base, and why (the log says it; config.json records the result)."""
+    lowers = (
+        tokenizer("A", add_special_tokens=False)["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"]
+    )
+    types = getattr(model_config, "type_vocab_size", 0) or 0
+    if not lowers:
+        return False, "the base's tokenizer keeps case"
+    if types < 2:
+        return False, f"the base lower-cases but has {types} token type(s), not 2"
+    if top_layers is not None:
+        return False, "--lora-top-layers caches the layers below the token-type table"
+    return True, "the base's tokenizer lower-cases and it has two token types"
+
+
 def prepare_case(base) -> None:
     """--case: token type 1 starts as a copy of type 0, so the base reads text as it was trained to until the
     adapter learns what case adds. Needs a BERT-style base with two token types (RoBERTa has one)."""

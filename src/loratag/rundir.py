@@ -268,7 +268,8 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
         metrics = {k: test[k] for k in ("precision", "recall", "f1")} if test else {}
         if test and "untyped" in test:  # boundary-only F1 beside the typed one, as every score loratag prints
             metrics["untyped_f1"] = test["untyped"]["f1"]
-    case = cfg.train.case if cfg is not None else _trains_token_types(acfg, path)
+    # a run records what --case resolved to; runs from before --case have none: trained without
+    case = bool(cfg.train.case) if cfg is not None else _trains_token_types(acfg, path)
     return AdapterRef(
         path=path,
         adapter_dir=adapter,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +16,15 @@ from ..corpus import load as load_corpus
 from ..encoding import IGNORE, batches, collate, document_contexts, encode, padded_length
 from ..evaluation import evaluate
 from ..labels import LabelSet
-from ..modeling import build_model, count_parameters, encoder_layers, load_tokenizer, model_max_length, resolve_model
+from ..modeling import (
+    auto_case,
+    build_model,
+    count_parameters,
+    encoder_layers,
+    load_tokenizer,
+    model_max_length,
+    resolve_model,
+)
 from ..precision import autocast, precision_name, resolve_precision
 from ..rundir import LABELS
 from ..tagger import Tagger
@@ -91,6 +100,9 @@ class Session:
             self.labels = LabelSet.load(out / LABELS)
         train_set = self.corpus.splits["train"][: t.max_train_sentences]
         self.tokenizer = load_tokenizer(resolve_model(cfg.model))
+        if t.case is None:  # --case auto: resolved here, so config.json records what the run did
+            self.cfg = cfg = replace(cfg, train=replace(t, case=self._auto_case(cfg)))
+            t = cfg.train
         self.model = build_model(cfg, self.labels).to(device)
         self.setup["model"], phase = time.monotonic() - phase, time.monotonic()
         # by their names in the whole model: a checkpoint inside an epoch is written while the cached layers are cut
@@ -115,6 +127,14 @@ class Session:
         )  # fmt: skip
         self.forward = self._data_parallel() if dist.active else self.model
         self.facts = self._facts(len(train_set), windowed)
+
+    def _auto_case(self, cfg: Config) -> bool:
+        from transformers import AutoConfig
+
+        mconf = AutoConfig.from_pretrained(resolve_model(cfg.model))
+        case, why = auto_case(self.tokenizer, mconf, cfg.lora.top_layers)
+        log.info("--case auto: %s (%s)", "on" if case else "off", why)
+        return case
 
     def _cache_lower_layers(self) -> tuple[LayerCache | None, int]:
         """With --lora-top-layers, the frozen layers below run once here: their output for every window."""
