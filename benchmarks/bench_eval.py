@@ -42,7 +42,7 @@ def main() -> None:
     peak = matmul_peak()
     tagger = Tagger.load(a.run)
     test = load_corpus(a.data).splits["test"]
-    words, gold = [s.tokens for s in test], [s.tags for s in test]
+    words, gold = [s.tokens for s in test], [list(s.tags) for s in test]
     tagger.word_logits(words[:200])  # warm-up
     t = time.perf_counter()
     logits = tagger.word_logits(words)

@@ -205,12 +205,20 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     ),
     "dna5k-context32": ("dna5k-defaults with --context 32", "dna5k-defaults", {"--context": "32"}),
     "dna5k-4ep": ("dna5k-defaults for 4 epochs (the defaults now)", "dna5k-defaults", {"--epochs": "4"}),
-    "slice5k-case": ("slice5k-4ep with --case (a word's case as its token type)", "slice5k-4ep", {"--case": "true"}),
+    "slice5k-case": (
+        "slice5k-4ep with --case, the token-type table trained whole (rows 0 and 1)",
+        "slice5k-4ep",
+        {"--case": "true"},
+    ),
     "slice2k-case": ("slice2k-6ep with --case", "slice2k-6ep", {"--case": "true"}),
     "dna5k-case": ("dna5k-4ep with --case", "dna5k-4ep", {"--case": "true"}),
-    "defaults-4ep-case": ("defaults-4ep with --case", "defaults-4ep", {"--case": "true"}),
+    "defaults-4ep-case": (
+        "defaults-4ep with --case, the token-type table trained whole (rows 0 and 1)",
+        "defaults-4ep",
+        {"--case": "true"},
+    ),
     "slice5k-fifth-again": (
-        "slice5k-defaults-fifth with the defaults now (evaluation scores entities once; --case auto: on)",
+        "slice5k-defaults-fifth, evaluation scoring entities once, --case with the table trained whole",
         "slice5k-defaults-fifth",
         {},
     ),
@@ -223,6 +231,37 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "slice5k-fifth-again with four times the budget (F1 against steps)",
         "slice5k-defaults",
         {"--time-budget": "share-of:slice5k-guide-2ep:0.8"},
+    ),
+    "slice5k-case-row1": (
+        "slice5k-4ep with --case, row 1 of the token-type table trained, row 0 kept (the defaults now)",
+        "slice5k-4ep",
+        {"--case": "true"},
+    ),
+    "slice2k-case-row1": (
+        "slice2k-6ep with --case (row 1 trained: the defaults now)",
+        "slice2k-6ep",
+        {"--case": "true"},
+    ),
+    "dna5k-case-row1": ("dna5k-4ep with --case (row 1 trained: the defaults now)", "dna5k-4ep", {"--case": "true"}),
+    "defaults-now": (
+        "loratag train with its defaults: 4 epochs, --case auto (on for MiniLM; row 1 trained)",
+        "defaults",
+        {},
+    ),
+    "slice5k-fifth-row1": (
+        "the defaults now on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
+        "defaults",
+        {"--max-train-sentences": "5000", "--time-budget": "fifth-of:slice5k-guide-2ep"},
+    ),
+    "slice5k-fifth-row1-2x": (
+        "slice5k-fifth-row1 with twice the budget (F1 against steps)",
+        "defaults",
+        {"--max-train-sentences": "5000", "--time-budget": "share-of:slice5k-guide-2ep:0.4"},
+    ),
+    "slice5k-fifth-row1-4x": (
+        "slice5k-fifth-row1 with four times the budget (F1 against steps)",
+        "defaults",
+        {"--max-train-sentences": "5000", "--time-budget": "share-of:slice5k-guide-2ep:0.8"},
     ),
 }
 

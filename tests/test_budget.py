@@ -156,3 +156,16 @@ def test_a_budgeted_run_whose_first_plan_is_short_trains_on(tiny_cfg, tmp_path, 
     assert metrics["test"]["f1"] >= 0
     # what the evaluations really took, beside what the plan expected (budget["validation_s"], budget["test_s"])
     assert all(e["validation_seconds"] >= 0 for e in metrics["epochs"]) and metrics["test_seconds"] >= 0
+
+
+def test_the_budget_clock_starts_with_loratag_not_with_the_shell_before_it():
+    """`pip install -e . && loratag train ...`: bash runs the last command in its own process, which /proc dates
+    from before the install; the budget's clock starts when loratag does."""
+    import subprocess
+    import sys
+
+    code = "import time; from loratag.train.cli import process_started; print(time.monotonic() - process_started())"
+    out = subprocess.run(
+        ["bash", "-c", f"sleep 3 && exec {sys.executable} -c '{code}'"], capture_output=True, text=True, check=True
+    )
+    assert float(out.stdout) < 2.5  # the 3 s the shell slept before are not loratag's

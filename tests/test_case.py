@@ -59,6 +59,16 @@ def test_a_case_run_trains_the_token_type_table_and_reads_case_everywhere(case_r
     assert "token_type_embeddings" in acfg["modules_to_save"]
     tagger = Tagger.load(case_run, precision="fp32")
     assert tagger.case
+    # row 0 (special tokens, lower-case words) stays the base's; row 1 learned what case adds
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    table = next(
+        v for k, v in load_file(case_run / "adapter" / "adapter_model.safetensors").items() if "token_type" in k
+    )
+    base = AutoModel.from_pretrained(json.loads((case_run / "config.json").read_text())["model"])
+    assert torch.equal(table[0], base.embeddings.token_type_embeddings.weight[0])
+    assert not torch.allclose(table[1], table[0])
     upper, lower = tagger.word_logits([WORDS[0][:3], WORDS[1]])
     assert not torch.allclose(upper, lower), "case changed nothing the model sees"
     # an uncased run reads the two alike: the tokenizer lower-cases

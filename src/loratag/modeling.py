@@ -129,6 +129,18 @@ def lora_config(lora: LoraSettings, inference_mode: bool = False, model=None, ca
     )
 
 
+def train_case_row(model) -> None:
+    """--case trains row 1 of the token-type table only. Row 0 is what every special token and every sub-token of a
+    lower-case word reads: kept as the base's, lower-case text reads exactly as the base was trained to. Trained
+    whole, the shared row moved every token's embedding at once and cost short runs their first steps (docs/study.md).
+    A gradient hook zeroes row 0's gradient; the optimizer gives the table no weight decay (train/optim.py)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and CASE_MODULE in name:
+            keep = torch.ones_like(p)
+            keep[0] = 0
+            p.register_hook(lambda grad, keep=keep: grad * keep)
+
+
 def auto_case(tokenizer, model_config, top_layers) -> tuple[bool, str]:
     """What ``--case auto`` resolves to for this base, and why (the log says it; config.json records the result)."""
     lowers = (
@@ -146,7 +158,8 @@ def auto_case(tokenizer, model_config, top_layers) -> tuple[bool, str]:
 
 def prepare_case(base) -> None:
     """--case: token type 1 starts as a copy of type 0, so the base reads text as it was trained to until the
-    adapter learns what case adds. Needs a BERT-style base with two token types (RoBERTa has one)."""
+    adapter learns what case adds (``train_case_row``). Needs a BERT-style base with two token types (RoBERTa has
+    one)."""
     emb = getattr(encoder_layers(base)[0].embeddings, CASE_MODULE, None)
     if emb is None or emb.num_embeddings < 2:
         raise ValueError(
@@ -201,6 +214,8 @@ def build_model(cfg: Config, labels: LabelSet, meta: bool = False):
         model = get_peft_model(base, config)
     except ValueError as e:  # PEFT's: target modules not found in the base model
         raise ValueError(f"--target-modules: {e}") from None
+    if cfg.train.case:
+        train_case_row(model)
     # what the saved adapter_config.json names as its base: PEFT records the resolved path, machine-local for the
     # bundled model; the Hub id (or the user's own name) loads elsewhere, and `PeftConfig.from_pretrained` reads it
     model.peft_config["default"].base_model_name_or_path = hub_id(cfg.model)

@@ -8,15 +8,17 @@ import math
 import torch
 
 from ..config import TrainConfig
+from ..modeling import CASE_MODULE
 
 
 def param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float = 1.0) -> list[dict]:
-    """As transformers' Trainer (which the guide uses): no weight decay on biases and LayerNorm weights. LoRA+
-    (Hayou et al. 2024): the B matrices learn ``lora_plus_ratio`` times faster than the A matrices."""
+    """As transformers' Trainer (which the guide uses): no weight decay on biases and LayerNorm weights; nor on the
+    token-type table of --case, whose row 0 must stay the base's (``modeling.train_case_row``). LoRA+ (Hayou et al.
+    2024): the B matrices learn ``lora_plus_ratio`` times faster than the A matrices."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decay = not (name.endswith("bias") or p.ndim == 1)
+            decay = not (name.endswith("bias") or p.ndim == 1 or CASE_MODULE in name)
             groups.setdefault((decay, "lora_B" in name and lora_plus_ratio != 1.0), []).append(p)
     return [
         {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (lora_plus_ratio if b else 1.0)}
