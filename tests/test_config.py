@@ -34,6 +34,7 @@ def test_guide_config_is_the_guide():
             batch_size=16,
             epochs=10,
             min_steps=0,
+            case=False,  # the guide reads token types as the tokenizer gives them (RoBERTa: one type)
             weight_decay=0.01,
             warmup_ratio=0.0,
             precision="fp32",

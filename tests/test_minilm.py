@@ -28,7 +28,9 @@ def test_minilm_train_evaluate_predict(bionlp_slice, tmp_path, capsys):
     assert main(["train", "--data", str(bionlp_slice), "--out", str(run), "--epochs", "1", "--lr", "3e-3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"] == "minilm" and cfg["run"]["trainable_params"] == 693_515
+    # LoRA, biases and head: 693,515; with --case auto (on for MiniLM) the token-type table: 2 x 384 more
+    assert cfg["model"] == "minilm" and cfg["run"]["trainable_params"] == 693_515 + 768
+    assert cfg["train"]["case"] is True
     assert json.loads((run / "labels.json").read_text())["I-RNA"] == 10
     assert 0.0 <= summary["test"]["f1"] <= 1.0
     m = json.loads((run / "metrics.json").read_text())["test"]
