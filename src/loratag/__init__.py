@@ -1,10 +1,6 @@
 """loratag: LoRA fine-tuning, evaluation and serving of transformer token classifiers."""
 
-import time as _time
-
 __version__ = "0.1.0"
-
-IMPORTED = _time.monotonic()  # the start of a --time-budget's clock: see train/cli.py process_started
 
 __all__ = ["Config", "Tagger", "__version__", "evaluate", "train"]
 

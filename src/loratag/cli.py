@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 
 from . import __version__, commands
@@ -44,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # when the command began, for a --time-budget: the heavy imports (torch, transformers) come after, inside the
+    # command, and count. Not the process's start in /proc: `pip install -e . && loratag train ...` (the README's
+    # main job) runs loratag in the shell's own process (bash execs a list's last command), dated before the install,
+    # whose ~7 s were counted as loratag's start-up; nor, for main() called in a long-lived process, its start
+    started = time.monotonic()
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("loratag").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft 0.21

@@ -45,17 +45,6 @@ def config_from_args(args) -> Config:
     )
 
 
-def process_started() -> float:
-    """``time.monotonic()`` when this program began: when the ``loratag`` package was first imported, the first
-    thing its command does, so the imports (torch, transformers: seconds) count against a --time-budget. Not the
-    process's start time in /proc: ``pip install -e . && loratag train ...`` (the README's main job) runs loratag in
-    the shell's own process (bash execs the last command of a list), which /proc dates from before the install, so
-    the install's seconds were counted as loratag's start-up (about 7 of the 9.4 s measured)."""
-    import loratag
-
-    return loratag.IMPORTED
-
-
 def run(args) -> None:
     from ..rundir import METRICS
     from .loop import train
@@ -66,9 +55,7 @@ def run(args) -> None:
     cfg = Config() if args.resume else config_from_args(args)
     if not args.resume and not cfg.data and not cfg.corpus.train:
         raise ValueError("--data is required (a hub dataset name or a local folder), or --train FILE")
-    out = train(
-        cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, started=process_started()
-    )
+    out = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, started=args.started)
     metrics = json.loads((out / METRICS).read_text())
     summary = {
         "run": str(out),
