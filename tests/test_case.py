@@ -151,6 +151,16 @@ def test_a_run_records_what_auto_resolved_to(tiny_cfg, tmp_path, caplog):
     assert Tagger.load(run).case
 
 
+def test_auto_is_a_value_of_case_only(tmp_path, capsys):
+    from loratag.cli import build_parser
+
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert getattr(build_parser().parse_args([*args, "--case", "auto"]), "train.case") is None
+    with pytest.raises(SystemExit):  # "auto" is no time budget: argparse names the flag and the value
+        build_parser().parse_args([*args, "--time-budget", "auto"])
+    assert "--time-budget" in capsys.readouterr().err
+
+
 def test_case_needs_two_token_types(tiny_roberta, tmp_path):
     from .conftest import tagging_cfg
 

@@ -121,3 +121,9 @@ def test_scores_are_seqevals_scores(seed):
         )
         assert mine["support"] == v["support"]
     assert scores(gold, pred, mentions(gold)) == got  # gold entities counted once for several predictions
+    # untyped scores from the same entities equal those of loratag's own chunker (predict's entities)
+    from loratag.evaluation import _untyped, span_scores
+    from loratag.labels import tags_to_spans
+
+    untyped = span_scores(_untyped(map(tags_to_spans, gold)), _untyped(map(tags_to_spans, pred)))
+    assert got["untyped"] == {k: untyped[k] for k in ("precision", "recall", "f1")}

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # when the command began, for a --time-budget: the heavy imports (torch, transformers) come after, inside the
     # command, and count. Not the process's start in /proc: `pip install -e . && loratag train ...` (the README's
     # main job) runs loratag in the shell's own process (bash execs a list's last command), dated before the install,
-    # whose ~7 s were counted as loratag's start-up; nor, for main() called in a long-lived process, its start
+    # whose seconds were counted as loratag's start-up; nor, for main() called in a long-lived process, its start
     started = time.monotonic()
     args = build_parser().parse_args(argv)
     args.started = started

@@ -90,7 +90,9 @@ def decode_flag() -> argparse.ArgumentParser:
 
 def _parse_value(f: Field, text: str) -> Any:
     kind = str(f.type)
-    if text.lower() in ("none", "null", "auto") and "None" in kind:  # None: loratag decides (the help says how)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    if text.lower() == "auto" and f.metadata.get("auto"):  # a field whose None means "loratag decides" (--case)
         return None
     if kind.startswith("bool"):
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -133,6 +133,7 @@ class TrainConfig:
         "the token-type table trains with the adapter; evaluate, predict, serve read it so, a transformers pipeline "
         "does not (export says so). auto: on for a base that lower-cases and has 2 token types (MiniLM), else off",
         metavar="{true,false,auto}",
+        auto=True,
     )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
     max_train_sentences: int | None = _opt(

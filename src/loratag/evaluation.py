@@ -6,7 +6,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .data import Sentence
-from .labels import tags_to_spans
 from .tagger import Tagger
 
 MODE = "default (conlleval-compatible, seqeval)"
@@ -25,18 +24,19 @@ def scores(
 ) -> dict:
     """Overall precision / recall / F1 / accuracy and, per entity type, precision / recall / F1 / support; and
     ``untyped``: the same entities matched by their words only (boundaries, any type), as BioNLP papers often
-    report. Entities are seqeval's (``mentions``), counted once: seqeval's own report extracts them again for every
-    number it returns (7 passes over the corpus, a quarter of a test evaluation's time); the counting is
-    ``span_scores``, and a test checks the result against seqeval's ``classification_report`` and ``f1_score``.
-    ``gold_mentions``: ``mentions(gold)``, when several predictions are scored against one gold."""
+    report. Entities are seqeval's (``mentions``), extracted once for typed and untyped scores: seqeval's own report
+    extracts them again for every number it returns (7 passes over the corpus; benchmarks/bench_eval.py times
+    both); the counting is ``span_scores``, and a test checks the result against seqeval's ``classification_report``
+    and ``f1_score``. ``gold_mentions``: ``mentions(gold)``, when several predictions are scored against one gold."""
     from seqeval.metrics import accuracy_score
 
     gold, pred = [list(g) for g in gold], [list(p) for p in pred]
     for i, (g, p) in enumerate(zip(gold, pred)):
         if len(g) != len(p):
             raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted; every word must be scored")
-    typed = span_scores(mentions(gold) if gold_mentions is None else gold_mentions, mentions(pred))
-    untyped = span_scores(_untyped(map(tags_to_spans, gold)), _untyped(map(tags_to_spans, pred)))
+    gold_spans, pred_spans = mentions(gold) if gold_mentions is None else gold_mentions, mentions(pred)
+    typed = span_scores(gold_spans, pred_spans)
+    untyped = span_scores(_untyped(gold_spans), _untyped(pred_spans))
     return {
         "precision": typed["precision"],
         "recall": typed["recall"],
