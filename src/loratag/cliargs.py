@@ -123,7 +123,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, section: str) -
             type=convert,
             default=argparse.SUPPRESS,
             choices=f.metadata.get("choices"),
-            metavar=f.metadata.get("metavar", f.name.upper()),
+            # a bool whose None means "loratag decides" (auto=True) takes true, false or auto
+            metavar=f.metadata.get("metavar", "{true,false,auto}" if f.metadata.get("auto") else f.name.upper()),
             help=f"{f.metadata['help']} [default: {f.default}]",
         )
 

@@ -132,7 +132,6 @@ class TrainConfig:
         "true | false | auto: each sub-token's token type says if its word has an upper-case letter (IL-2 / il-2), "
         "the token-type table trains with the adapter; evaluate, predict, serve read it so, a transformers pipeline "
         "does not (export says so). auto: on for a base that lower-cases and has 2 token types (MiniLM), else off",
-        metavar="{true,false,auto}",
         auto=True,
     )
     seed: int = _opt(42, "--seed", "seed for initialisation, shuffling and dropout")
