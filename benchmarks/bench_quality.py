@@ -248,6 +248,27 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "defaults",
         {},
     ),
+    "defaults-5ep": (
+        "defaults-now for 5 epochs (the time the fifth leaves: 18.87 of 24.56 minutes)",
+        "defaults-now",
+        {"--epochs": "5"},
+    ),
+    "defaults-crf": (
+        "defaults-now with --crf (a CRF over the words' logits, its own learning rate 1e-2)",
+        "defaults-now",
+        {"--crf": "true"},
+    ),
+    "slice5k-crf": (
+        "slice5k-case-row1 (the defaults now on 5,000 sentences) with --crf",
+        "slice5k-case-row1",
+        {"--crf": "true"},
+    ),
+    "dna5k-crf": ("dna5k-case-row1 (the defaults now on DNA alone) with --crf", "dna5k-case-row1", {"--crf": "true"}),
+    "slice2k-crf": (
+        "slice2k-case-row1 (the defaults now on 2,000 sentences) with --crf",
+        "slice2k-case-row1",
+        {"--crf": "true"},
+    ),
     "slice5k-fifth-row1": (
         "the defaults now on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
         "defaults",

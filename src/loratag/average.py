@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from . import rundir
+from .labels import TRANSITIONS
 
 log = logging.getLogger("loratag")
 
-SETTINGS_THAT_MUST_AGREE = ("model", "lora.bias", "lora.target_modules", "lora.top_layers",
-                            "train.max_length", "train.context", "train.case", "train.decode")  # fmt: skip
+SETTINGS_THAT_MUST_AGREE = ("model", "lora.bias", "lora.target_modules", "lora.top_layers", "train.max_length",
+                            "train.context", "train.case", "train.crf", "train.decode")  # fmt: skip
 
 
 def _same(value):
@@ -115,6 +116,11 @@ def average_runs(runs: list[Path], out: Path, overwrite: bool = False, evaluate_
     target.mkdir()
     save_file(tensors, target / rundir.ADAPTER_WEIGHTS, metadata={"format": "pt"})
     rundir.write_json(target / rundir.ADAPTER_CONFIG, config)
+    learned = [f / TRANSITIONS for f in folders]
+    if all(p.is_file() for p in learned):  # --crf runs: the mean of their scores, as their heads are averaged
+        parts = [rundir.read_json(p) for p in learned]
+        mean = {k: torch.tensor([p[k] for p in parts]).mean(0).tolist() for k in ("scores", "start", "end")}
+        rundir.write_json(target / TRANSITIONS, {"labels": parts[0]["labels"], **mean})
     (out / rundir.LABELS).write_text(labels[0])
     run_facts = {**cfgs[0].get("run", {}), "averaged_from": [str(r.resolve()) for r in runs], "lora_rank": config["r"]}
     rundir.write_json(out / rundir.CONFIG, {**cfgs[0], "run": run_facts})

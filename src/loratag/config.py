@@ -161,6 +161,13 @@ class TrainConfig:
         "when autocasting to bf16 / fp16, store the frozen base weights in that dtype once instead of casting "
         "them at every step (the numbers are the same: autocast rounds them identically)",
     )
+    crf: bool = _opt(
+        False,
+        "--crf",
+        "train a linear-chain CRF over the words' logits with the adapter (its "
+        "transitions.json); constrained decoding adds its scores (a pipeline or plain PEFT does not)",
+    )
+    crf_lr: float = _opt(1e-2, "--crf-lr", "learning rate of the CRF's transition scores (--crf), same schedule")
     decode: str = _opt(
         "constrained",
         "--decode",
@@ -181,11 +188,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = {
-            "--lr": self.lr,
-            "--batch-size": self.batch_size,
-            "--eval-batch-size": self.eval_batch_size,
-        }
+        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--eval-batch-size": self.eval_batch_size}
+        positive.update({"--crf-lr": self.crf_lr, "--lora-plus-ratio": self.lora_plus_ratio})
         for flag, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
@@ -207,10 +211,10 @@ class TrainConfig:
             raise ValueError(f"--max-train-sentences must be >= 1, got {self.max_train_sentences}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.lora_plus_ratio <= 0:
-            raise ValueError(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
         if self.decode not in DECODINGS:
             raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {self.decode!r}")
+        if self.crf and self.decode != "constrained":
+            raise ValueError("--crf decodes with the transitions it learns: use --decode constrained (the default)")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"--time-budget must be > 0 minutes, got {self.time_budget}")
         if self.checkpoint_minutes < 0:
@@ -351,12 +355,7 @@ class Config:
         return cls.from_dict(d, str(path))
 
 
-SECTIONS = {
-    "top level": None,
-    "lora": LoraSettings,
-    "train": TrainConfig,
-    "corpus": CorpusSettings,
-}  # where each key of a config file goes
+SECTIONS = {"top level": None, "lora": LoraSettings, "train": TrainConfig, "corpus": CorpusSettings}  # key -> home
 
 
 def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str, Any]:
@@ -379,14 +378,11 @@ def _known(cls: type, d: dict[str, Any], source: str, section: str) -> dict[str,
 
 
 def _field_names(cls: type | None) -> set[str]:
-    if cls is None:  # the top level: Config's own settings and its sections
-        return {"model", "data", "lora", "train", "corpus"}
-    return {f.name for f in fields(cls)}
+    return {f.name for f in fields(cls or Config)}  # None: the top level, Config's own settings and its sections
 
 
 def _split_csv(text: str) -> tuple[str, ...] | None:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    return parts or None
+    return tuple(p.strip() for p in text.split(",") if p.strip()) or None
 
 
 def option_fields(cls: type) -> list:

@@ -4,15 +4,54 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+TRANSITIONS = "transitions.json"  # beside a --crf run's adapter: the learned transition scores (labels.Transitions)
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A linear-chain CRF's learned scores (``--crf``): ``scores[i][j]`` for label j after label i, ``start[j]`` for
+    j opening a sentence, ``end[i]`` for i closing one. Constrained decoding adds them to the word log-probabilities;
+    IOB2's rule (``may_follow``) still forbids what it forbids."""
+
+    scores: tuple[tuple[float, ...], ...]
+    start: tuple[float, ...]
+    end: tuple[float, ...]
+
+    def arrays(self):
+        import numpy as np
+
+        return tuple(np.asarray(x, dtype=np.float32) for x in (self.scores, self.start, self.end))
+
+    def to_dict(self, labels: Sequence[str]) -> dict:
+        return {"labels": list(labels), "scores": [list(r) for r in self.scores], "start": list(self.start),
+                "end": list(self.end)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict, labels: Sequence[str], where: str) -> Transitions:
+        """Checked against the adapter's label order: scores in another order would decode silently wrong."""
+        if list(d.get("labels", [])) != list(labels):
+            raise ValueError(
+                f"{where}: transitions for labels {d.get('labels')}, but the adapter's are {list(labels)}"
+            )
+        k = len(labels)
+        scores, start, end = d.get("scores"), d.get("start"), d.get("end")
+        if not (
+            len(scores or ()) == k and all(len(r) == k for r in scores) and len(start or ()) == k == len(end or ())
+        ):
+            raise ValueError(f"{where}: expected a {k}x{k} 'scores' matrix and 'start', 'end' of {k} numbers")
+        return cls(tuple(tuple(float(x) for x in r) for r in scores), tuple(map(float, start)), tuple(map(float, end)))
 
 
 @dataclass(frozen=True)
 class LabelSet:
-    """Labels in id order: ``labels[i]`` is the label of class ``i``."""
+    """Labels in id order: ``labels[i]`` is the label of class ``i``; ``transitions``: what a ``--crf`` adapter
+    learned about their order (not part of the label set's identity: two adapters with the same labels agree)."""
 
     labels: tuple[str, ...]
+    transitions: Transitions | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(set(self.labels)) != len(self.labels):
@@ -127,16 +166,21 @@ def viterbi(logprobs, labels: Sequence[str]) -> list[int]:
     return path[::-1]
 
 
-def viterbi_many(logprobs: Sequence, labels: Sequence[str], chunk: int = 256) -> list[list[int]]:
+def viterbi_many(
+    logprobs: Sequence, labels: Sequence[str], chunk: int = 256, transitions: Transitions | None = None
+) -> list[list[int]]:
     """``viterbi`` for many sentences at once (the same labels): the same float32 sums in the same order, so the
     same paths, but one numpy step per word position for a chunk of sentences of similar length instead of one
-    torch step per word of each sentence (decoding took ~15% of int8 prediction time one sentence at a time)."""
+    torch step per word of each sentence (decoding took ~15% of int8 prediction time one sentence at a time).
+    ``transitions``: a CRF's learned scores, added to each step (and to the first and last word)."""
     import numpy as np
 
     allowed, start = may_follow(labels)
-    block = np.where(np.array(allowed), np.float32(0), np.float32(-np.inf)).astype(np.float32)
-    opening = np.where(np.array(start), np.float32(0), np.float32(-np.inf)).astype(np.float32)
     k = len(labels)
+    none = (np.zeros((k, k), np.float32), np.zeros(k, np.float32), np.zeros(k, np.float32))
+    learned, first, last = transitions.arrays() if transitions else none
+    block = np.where(np.array(allowed), learned, np.float32(-np.inf)).astype(np.float32)
+    opening = np.where(np.array(start), first, np.float32(-np.inf)).astype(np.float32)
     order = sorted(range(len(logprobs)), key=lambda i: len(logprobs[i]))
     out: list[list[int]] = [[] for _ in logprobs]
     for c in range(0, len(order), chunk):
@@ -158,7 +202,7 @@ def viterbi_many(logprobs: Sequence, labels: Sequence[str], chunk: int = 256) ->
             active = (t < lengths)[:, None]
             back[t] = np.where(active, arg, stay)
             score = np.where(active, best + lp[:, t], score)
-        path = [score.argmax(1)]
+        path = [(score + last).argmax(1)]
         for t in range(lengths.max() - 1, 0, -1):
             path.append(back[t][rows, path[-1]])
         ids = np.stack(path[::-1], 1)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .crf import NOTE as CRF_NOTE
 from .encoding import CASE_NOTE
 from .precision import cpu_features
 
@@ -296,6 +297,8 @@ def export_dir(tagger, out: Path, quantize: str | None = None) -> dict:
     }
     if tagger.case:
         record["token_type_ids"] = CASE_NOTE
+    if tagger.labels.transitions is not None:  # the CRF's scores, for a decoder outside loratag
+        record["crf"] = {"note": CRF_NOTE, **tagger.labels.transitions.to_dict(tagger.labels.labels)}
     if quantize == "int8":
         scheme = quantize_int8(out / FP32_FILE, out / INT8_FILE)
         record["files"]["int8"] = INT8_FILE

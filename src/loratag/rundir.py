@@ -4,6 +4,7 @@ the one atomic write, checkpoints, and where an adapter's labels, base model and
 ```
 RUN/  config.json  labels.json  adapter/  last/  metrics.json  README.md  curves.png  train.log  [checkpoint.pt]
 ```
+(``adapter/`` and ``last/``: PEFT's files, and ``transitions.json`` where the run trained a CRF)
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .config import FORMAT, Config
-from .labels import LabelSet
+from .labels import TRANSITIONS, LabelSet, Transitions
 
 CONFIG = "config.json"  # the settings (Config) and, under "run", facts about the run
 LABELS = "labels.json"  # label -> id of the classifier head
@@ -95,9 +96,10 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_adapter(model, target: Path) -> None:
-    """``save_pretrained`` into a temporary folder (its files synced), then swap it in. Only a rename separates the
-    old folder from the new one; ``recover`` puts the old one back if a kill lands between the two renames."""
+def save_adapter(model, target: Path, extra: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` into a temporary folder (with ``extra``: file name -> JSON; its files synced), then swap
+    it in. Only a rename separates the old folder from the new one; ``recover`` puts the old one back if a kill lands
+    between the two renames."""
     from peft.tuners.lora import Embedding
 
     tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
@@ -107,6 +109,8 @@ def save_adapter(model, target: Path) -> None:
     # knows: the embeddings are saved only where LoRA adapts them
     embeddings = any(isinstance(m, Embedding) for m in model.modules())
     model.save_pretrained(tmp, save_embedding_layers="auto" if embeddings else False)
+    for name, data in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     for p in tmp.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
@@ -261,6 +265,9 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
     n = head_size(adapter)
     if n != len(labels):
         raise ValueError(f"{path}: the classifier head has {n} classes but the label set has {len(labels)}")
+    if (adapter / TRANSITIONS).is_file():  # a --crf run: constrained decoding adds what its CRF learned
+        learned = Transitions.from_dict(read_json(adapter / TRANSITIONS), labels.labels, str(adapter / TRANSITIONS))
+        labels = replace(labels, transitions=learned)
     acfg = read_json(adapter / ADAPTER_CONFIG)
     metrics = {}
     if cfg is not None and (path / METRICS).is_file():

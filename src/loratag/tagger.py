@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from .config import DECODINGS
+from .crf import MODULE as CRF_MODULE
+from .crf import NOTE as CRF_NOTE
 from .encoding import CASE_NOTE, Context, collate, document_contexts, encode, inference_batches
-from .labels import LabelSet, repair_iob2, viterbi_many
+from .labels import LabelSet, Transitions, repair_iob2, viterbi_many
 from .modeling import load_adapter, load_tokenizer, model_max_length, resolve_model
 from .precision import autocast, device_of, precision_name, resolve_precision
 from .progress import bar as progress_bar
@@ -192,10 +194,11 @@ class Tagger:
         return self.decode_logits(logits, label_sets, decodes)
 
     def decode_logits(self, word_logits: list, label_sets: Sequence[LabelSet] | None = None, decode=None) -> list:
-        """Labels and their probabilities from word logits (``decode_word_logits``): the Tagger's labels and
-        decoding unless given (one, or one per sentence)."""
-        names = [(label_sets[i] if label_sets is not None else self.labels).labels for i in range(len(word_logits))]
-        return decode_word_logits(word_logits, names, decode or self.decode)
+        """Labels and their probabilities from word logits (``decode_word_logits``), by the Tagger's labels (and
+        their learned transitions) and decoding unless given (one, or one per sentence)."""
+        sets = label_sets if label_sets is not None else [self.labels] * len(word_logits)
+        names, learned = [x.labels for x in sets], [x.transitions for x in sets]
+        return decode_word_logits(word_logits, names, decode or self.decode, learned)
 
     def tag_documents(
         self,
@@ -255,20 +258,25 @@ def _read_out(out: list, w, logits: torch.Tensor, n_words: int) -> None:
 
 
 def decode_word_logits(
-    word_logits: list[torch.Tensor], names: list[Sequence[str]], decode: str | Sequence[str]
+    word_logits: list[torch.Tensor],
+    names: list[Sequence[str]],
+    decode: str | Sequence[str],
+    transitions: Sequence[Transitions | None] | None = None,
 ) -> list[tuple[list[str], list[float]]]:
     """Labels and their probabilities from word logits, ``names[i]`` being sentence i's labels; ``decode`` (one, or
     one per sentence): "argmax" (each word's best label, a stray I-X read as B-X as conlleval does) or "constrained"
-    (the most probable valid IOB2 sequence: Viterbi, no I-X after O or after another type)."""
+    (the most probable valid IOB2 sequence: Viterbi, no I-X after O or after another type, plus the learned
+    ``transitions[i]`` of a --crf adapter). A word's probability is its softmax, whichever label decoding chose."""
     per_sentence = [decode] * len(word_logits) if isinstance(decode, str) else list(decode)
+    learned = list(transitions) if transitions is not None else [None] * len(word_logits)
     logps = [logits[:, : len(names[i])].log_softmax(-1) for i, logits in enumerate(word_logits)]  # own labels
     ids: list = [logp.argmax(-1) for logp in logps]
-    by_labels: dict[tuple[str, ...], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, how in enumerate(per_sentence):
         if how == "constrained" and len(logps[i]):
-            by_labels.setdefault(tuple(names[i]), []).append(i)
-    for labels, group in by_labels.items():
-        for i, path in zip(group, viterbi_many([logps[i].numpy() for i in group], labels)):
+            groups.setdefault((tuple(names[i]), learned[i]), []).append(i)
+    for (labels, scores), group in groups.items():
+        for i, path in zip(group, viterbi_many([logps[i].numpy() for i in group], labels, transitions=scores)):
             ids[i] = torch.tensor(path)
     out = []
     for i, logp in enumerate(logps):
@@ -291,5 +299,10 @@ def export_transformers(tagger: Tagger, out: str | Path) -> None:
     if tagger.case:  # said in the folder (config.json) and now: a pipeline would read every word lower-cased
         model.config.loratag_token_types = CASE_NOTE
         logging.getLogger("loratag").warning("export: %s", CASE_NOTE)
+    if hasattr(model, CRF_MODULE):  # the model of a run just trained: its CRF is not part of the transformers model
+        delattr(model, CRF_MODULE)
+    if tagger.labels.transitions is not None:  # kept in config.json, and said: a pipeline decodes by argmax
+        model.config.loratag_crf = {"note": CRF_NOTE, **tagger.labels.transitions.to_dict(tagger.labels.labels)}
+        logging.getLogger("loratag").warning("export: %s", CRF_NOTE)
     model.save_pretrained(out)
     tagger.tokenizer.save_pretrained(out)

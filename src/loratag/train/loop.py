@@ -221,8 +221,8 @@ def _evaluate_epoch(s: Session, clock: Clock, state: TrainState, mine: Tally) ->
         state.best_f1, state.best_epoch = val["f1"], state.epoch + 1
     if s.dist.main:
         if improved:
-            rundir.save_adapter(s.model, s.out / rundir.ADAPTER)
-        rundir.save_adapter(s.model, s.out / rundir.LAST)
+            rundir.save_adapter(s.model, s.out / rundir.ADAPTER, s.learned())
+        rundir.save_adapter(s.model, s.out / rundir.LAST, s.learned())
     state.history.append(entry)
     log.info(
         "epoch %d/%d  loss %.4f  val P %.4f R %.4f F1 %.4f untyped %.4f (%s)  %.0f s  %.0f tok/s%s",
@@ -252,6 +252,7 @@ def _finish(s: Session, clock: Clock, state: TrainState) -> tuple[Path, Tagger]:
     out, dist = s.out, s.dist
     dist.barrier()  # rank 0 has written adapter/
     set_peft_model_state_dict(s.model, load_file(out / rundir.ADAPTER / rundir.ADAPTER_WEIGHTS))
+    s.keep_learned(out / rundir.ADAPTER)
     metrics = {
         "mode": state.history[-1]["validation"]["mode"],
         "decode": s.cfg.train.decode,

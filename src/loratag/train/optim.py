@@ -8,22 +8,30 @@ import math
 import torch
 
 from ..config import TrainConfig
+from ..crf import MODULE as CRF_MODULE
 from ..modeling import CASE_MODULE
 
 
-def param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float = 1.0) -> list[dict]:
+def param_groups(
+    model, weight_decay: float, lr: float, lora_plus_ratio: float = 1.0, crf_lr: float | None = None
+) -> list[dict]:
     """As transformers' Trainer (which the guide uses): no weight decay on biases and LayerNorm weights; nor on the
     token-type table of --case, whose row 0 must stay the base's (``modeling.train_case_row``). LoRA+ (Hayou et al.
-    2024): the B matrices learn ``lora_plus_ratio`` times faster than the A matrices."""
+    2024): the B matrices learn ``lora_plus_ratio`` times faster than the A matrices. The CRF's scores (--crf) learn
+    at their own rate, without decay: they start at 0 and a few numbers must move far (a known need of BERT-CRF)."""
     groups: dict[tuple[bool, bool], list] = {}
+    crf = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and CRF_MODULE in name:
+            crf.append(p)
+        elif p.requires_grad:
             decay = not (name.endswith("bias") or p.ndim == 1 or CASE_MODULE in name)
             groups.setdefault((decay, "lora_B" in name and lora_plus_ratio != 1.0), []).append(p)
-    return [
+    out = [
         {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (lora_plus_ratio if b else 1.0)}
         for (decay, b), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
     ]
+    return out + ([{"params": crf, "weight_decay": 0.0, "lr": crf_lr or lr}] if crf else [])
 
 
 class Optimizer:
@@ -34,7 +42,7 @@ class Optimizer:
     def __init__(self, model, t: TrainConfig, planned_steps: int, device: torch.device, dtype):
         # fused: one kernel for all parameters, where the loop version runs ~10 small ops per tensor (a LoRA model
         # has hundreds of tensors); transformers' Trainer defaults to it too (adamw_torch_fused)
-        groups = param_groups(model, t.weight_decay, t.lr, t.lora_plus_ratio)
+        groups = param_groups(model, t.weight_decay, t.lr, t.lora_plus_ratio, t.crf_lr)
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=device.type in ("cpu", "cuda"))
         self.warmup = math.ceil(t.warmup_ratio * planned_steps)  # from the first plan, kept when the end moves
         self.total = planned_steps

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
+from .. import rundir
 from ..config import DECODINGS, Config
 from ..corpus import load as load_corpus
+from ..crf import CRF, crf_loss
+from ..crf import MODULE as CRF_MODULE
 from ..encoding import IGNORE, batches, collate, document_contexts, encode, padded_length
 from ..evaluation import evaluate
-from ..labels import LabelSet
+from ..labels import TRANSITIONS, LabelSet, Transitions
 from ..modeling import (
     auto_case,
     build_model,
@@ -104,6 +107,10 @@ class Session:
             self.cfg = cfg = replace(cfg, train=replace(t, case=self._auto_case(cfg)))
             t = cfg.train
         self.model = build_model(cfg, self.labels).to(device)
+        self.crf = None
+        if t.crf:  # on the model, so that the optimizer, DDP, gradient clipping and checkpoints see its scores
+            self.crf = CRF(self.labels.labels).to(device)
+            self.model.get_base_model().add_module(CRF_MODULE, self.crf)
         self.setup["model"], phase = time.monotonic() - phase, time.monotonic()
         # by their names in the whole model: a checkpoint inside an epoch is written while the cached layers are cut
         # out of it, when named_parameters() would number the remaining layers from 0
@@ -253,8 +260,28 @@ class Session:
         inputs, gold = self.feed(rows)
         with autocast(self.device, self.dtype):
             logits = self.forward(**inputs).logits
-        loss, loss_sum = token_loss(logits, gold, divisor, self.dist.world)
+        if self.crf is not None:
+            loss, loss_sum = crf_loss(self.crf, logits, gold, divisor, self.dist.world, IGNORE)
+        else:
+            loss, loss_sum = token_loss(logits, gold, divisor, self.dist.world)
         return loss, loss_sum, gold, inputs
 
+    def learned(self) -> dict:
+        """What is saved beside the adapter: the CRF's scores (``transitions.json``), and the evaluator told them."""
+        if self.crf is None:
+            return {}
+        scores = self.crf.export()
+        self.evaluator.labels = replace(self.labels, transitions=scores)
+        return {TRANSITIONS: scores.to_dict(self.labels.labels)}
+
+    def keep_learned(self, adapter: Path) -> None:
+        """The kept epoch's CRF scores back into the CRF and the evaluator (its adapter weights are loaded already)."""
+        if self.crf is None:
+            return
+        kept = Transitions.from_dict(rundir.read_json(adapter / TRANSITIONS), self.labels.labels, str(adapter))
+        self.crf.load(kept)
+        self.evaluator.labels = replace(self.labels, transitions=kept)
+
     def validate(self) -> dict:
+        self.learned()
         return evaluate(self.evaluator, self.corpus.splits["validation"], self.progress, self.dist, DECODINGS)
