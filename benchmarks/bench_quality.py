@@ -269,6 +269,20 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "slice2k-case-row1",
         {"--crf": "true"},
     ),
+    "slice5k-fifth-s43": ("slice5k-fifth-row1, seed 43 (its spread)", "slice5k-fifth-row1", {"--seed": "43"}),
+    "slice5k-fifth-s44": ("slice5k-fifth-row1, seed 44 (its spread)", "slice5k-fifth-row1", {"--seed": "44"}),
+    "slice5k-fifth-head": (
+        "slice5k-fifth-row1 with --head-init labels (the head starts as the base features' discriminant)",
+        "slice5k-fifth-row1",
+        {"--head-init": "labels"},
+    ),
+    "slice5k-fifth-head-s43": ("slice5k-fifth-head, seed 43", "slice5k-fifth-head", {"--seed": "43"}),
+    "slice5k-fifth-head-s44": ("slice5k-fifth-head, seed 44", "slice5k-fifth-head", {"--seed": "44"}),
+    "slice5k-head": (
+        "slice5k-case-row1 (the defaults now on 5,000 sentences) with --head-init labels",
+        "slice5k-case-row1",
+        {"--head-init": "labels"},
+    ),
     "slice5k-fifth-row1": (
         "the defaults now on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
         "defaults",

@@ -4,11 +4,11 @@ flags generated from the config dataclasses, and the examples. No torch here: `l
 from __future__ import annotations
 
 import argparse
-from dataclasses import Field
+from dataclasses import Field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DECODINGS, PRECISIONS, option_fields
+from .config import DECODINGS, PRECISIONS, Config, option_fields
 
 EXAMPLES = """examples:
   loratag train --data ../shared/data/bionlp2004 --out runs/bionlp          # offline default (MiniLM)
@@ -133,3 +133,9 @@ def given(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:
     """The fields of config section ``cls`` that the user gave as flags (see ``add_config_flags``)."""
     values = vars(args)
     return {f.name: values[f"{section}.{f.name}"] for f in option_fields(cls) if f"{section}.{f.name}" in values}
+
+
+def with_overrides(cfg: Config, top: dict, lora: dict, train: dict, corpus: dict | None = None) -> Config:
+    """A new Config with the flags given on the command line replaced (validation runs again)."""
+    sections = {"lora": replace(cfg.lora, **lora), "train": replace(cfg.train, **train)}
+    return replace(cfg, **top, **sections, corpus=replace(cfg.corpus, **(corpus or {})))

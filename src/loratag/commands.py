@@ -9,8 +9,17 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .cliargs import adapter_flags, add_config_flags, decode_flag, device_flag, given, precision_flag, quantize_flag
-from .config import Config, CorpusSettings, LoraSettings, with_overrides
+from .cliargs import (
+    adapter_flags,
+    add_config_flags,
+    decode_flag,
+    device_flag,
+    given,
+    precision_flag,
+    quantize_flag,
+    with_overrides,
+)
+from .config import Config, CorpusSettings, LoraSettings
 
 # ---- evaluate -------------------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ FORMAT = "loratag-run.v1"
 BIASES = ("none", "all", "lora_only")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODINGS = ("argmax", "constrained")  # prediction: each word's best label, or the best valid IOB2 sequence
+HEAD_INITS = ("random", "labels")
 
 
 def is_local_path(name: str) -> bool:
@@ -161,6 +162,13 @@ class TrainConfig:
         "when autocasting to bf16 / fp16, store the frozen base weights in that dtype once instead of casting "
         "them at every step (the numbers are the same: autocast rounds them identically)",
     )
+    head_init: str = _opt(
+        "random",
+        "--head-init",
+        "random | labels: the classifier head starts at random (guide) or as the classifier the base's features "
+        "of 256 training windows support (each label's mean feature; LDA), so short runs train the adapter sooner",
+        choices=HEAD_INITS,
+    )
     crf: bool = _opt(
         False,
         "--crf",
@@ -213,6 +221,8 @@ class TrainConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.decode not in DECODINGS:
             raise ValueError(f"--decode must be one of {', '.join(DECODINGS)}, got {self.decode!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.crf and self.decode != "constrained":
             raise ValueError("--crf decodes with the transitions it learns: use --decode constrained (the default)")
         if self.time_budget is not None and self.time_budget <= 0:
@@ -388,9 +398,3 @@ def _split_csv(text: str) -> tuple[str, ...] | None:
 def option_fields(cls: type) -> list:
     """Fields of a config section that carry a CLI flag, for cli.py."""
     return [f for f in fields(cls) if "flag" in f.metadata]
-
-
-def with_overrides(cfg: Config, top: dict, lora: dict, train: dict, corpus: dict | None = None) -> Config:
-    """A new Config with the given fields replaced (validation runs again)."""
-    sections = {"lora": replace(cfg.lora, **lora), "train": replace(cfg.train, **train)}
-    return replace(cfg, **top, **sections, corpus=replace(cfg.corpus, **(corpus or {})))

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cliargs import EXAMPLES, add_config_flags, device_flag, given
-from ..config import Config, CorpusSettings, LoraSettings, TrainConfig, option_fields, with_overrides
+from ..cliargs import EXAMPLES, add_config_flags, device_flag, given, with_overrides
+from ..config import Config, CorpusSettings, LoraSettings, TrainConfig, option_fields
 
 
 def register(sub) -> None:

@@ -24,6 +24,7 @@ from ..tagger import Tagger
 from .card import write_card
 from .dist import Dist
 from .frozen import low_precision_weights
+from .headinit import init_head
 from .optim import Optimizer
 from .rng import capture as capture_rng
 from .rng import restore as restore_rng
@@ -128,6 +129,8 @@ def _start_or_resume(s: Session, clock: Clock, resume: bool) -> tuple[TrainState
     if saved is None:
         if resume:
             log.info("no checkpoint yet; starting from the beginning")
+        if s.cfg.train.head_init == "labels":  # before the budget's probes: they train from this head
+            s.facts["head_init"] = init_head(s, s.cfg.train.seed)
         steps, budget = schedule(s, clock)
         state = TrainState(steps=steps, budget=budget)
         tallies = [Tally() for _ in range(s.dist.world)]
@@ -138,6 +141,7 @@ def _start_or_resume(s: Session, clock: Clock, resume: bool) -> tuple[TrainState
             path = s.out / rundir.CHECKPOINT
             raise ValueError(f"{path}: the checkpoint was written by {len(tallies)} process(es); resume with as many")
         clock.add_spent(state.spent_seconds)  # a time budget counts the wall time before the crash too
+        s.facts.update({k: v for k, v in rundir.read_json(s.out / rundir.CONFIG)["run"].items() if k == "head_init"})
     planned = sum(state.budget.planned_steps) if state.budget else sum(state.steps)
     opt = Optimizer(s.model, s.cfg.train, planned, s.device, s.dtype)
     opt.ends_at(sum(state.steps))
