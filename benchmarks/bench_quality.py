@@ -258,6 +258,11 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "defaults-now",
         {"--crf": "true"},
     ),
+    "defaults-crf-joint": (
+        "defaults-crf with --crf-token-loss 1 (the words' cross-entropy beside the CRF's loss: argmax stays usable)",
+        "defaults-crf",
+        {"--crf-token-loss": "1"},
+    ),
     "slice5k-crf": (
         "slice5k-case-row1 (the defaults now on 5,000 sentences) with --crf",
         "slice5k-case-row1",

@@ -66,6 +66,10 @@ def test_word_emissions_take_each_windows_labelled_positions_in_order():
     # as the cross-entropy: summed, divided per labelled word; no word at all is a zero loss, not an error
     loss, total = crf_loss(CRF(LABELS), logits, gold, divisor=4, world=1, ignore=-100)
     assert loss.item() == pytest.approx(total.item() / 4)
+    # with the words' cross-entropy beside it (--crf-token-loss): the two sums added
+    both = crf_loss(CRF(LABELS), logits, gold, divisor=4, world=1, ignore=-100, token=0.5)[1]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), gold.flatten(), ignore_index=-100, reduction="sum")
+    assert both.item() == pytest.approx(total.item() + 0.5 * ce.item(), rel=1e-6)
     empty = crf_loss(CRF(LABELS), logits, torch.full((3, 6), -100), divisor=4, world=1, ignore=-100)
     assert empty[0].item() == 0.0
 
@@ -93,6 +97,8 @@ def test_crf_without_constrained_decoding_is_refused():
 
     with pytest.raises(ValueError, match="--decode constrained"):
         TrainConfig(crf=True, decode="argmax")
+    with pytest.raises(ValueError, match="--crf-token-loss must be >= 0"):
+        TrainConfig(crf=True, crf_token_loss=-1)
 
 
 def test_transitions_for_another_label_order_are_refused():

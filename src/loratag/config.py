@@ -176,6 +176,7 @@ class TrainConfig:
         "transitions.json); constrained decoding adds its scores (a pipeline or plain PEFT does not)",
     )
     crf_lr: float = _opt(1e-2, "--crf-lr", "learning rate of the CRF's transition scores (--crf), same schedule")
+    crf_token_loss: float = _opt(0.0, "--crf-token-loss", "with --crf: plus this times the words' cross-entropy")
     decode: str = _opt(
         "constrained",
         "--decode",
@@ -201,20 +202,19 @@ class TrainConfig:
         for flag, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
+        at_least_0 = {"--min-steps": self.min_steps, "--weight-decay": self.weight_decay, "--context": self.context}
+        at_least_0.update({"--checkpoint-minutes": self.checkpoint_minutes, "--crf-token-loss": self.crf_token_loss})
+        for flag, value in at_least_0.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
         if self.batch_tokens is not None and self.batch_tokens < 8:
             raise ValueError(f"--batch-tokens must be >= 8, got {self.batch_tokens}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
-        if self.min_steps < 0:
-            raise ValueError(f"--min-steps must be >= 0, got {self.min_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"--max-length must be >= 8, got {self.max_length}")
-        if self.context < 0:
-            raise ValueError(f"--context must be >= 0 sub-tokens, got {self.context}")
         if self.max_train_sentences is not None and self.max_train_sentences < 1:
             raise ValueError(f"--max-train-sentences must be >= 1, got {self.max_train_sentences}")
         if self.precision not in PRECISIONS:
@@ -227,8 +227,6 @@ class TrainConfig:
             raise ValueError("--crf decodes with the transitions it learns: use --decode constrained (the default)")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"--time-budget must be > 0 minutes, got {self.time_budget}")
-        if self.checkpoint_minutes < 0:
-            raise ValueError(f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}")
 
 
 INPUT_FORMATS = ("bioc-xml", "bioc-json", "pubtator", "brat", "labelstudio", "jsonl", "spacy", "tner", "conll")

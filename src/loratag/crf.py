@@ -81,13 +81,19 @@ def word_emissions(logits: torch.Tensor, gold: torch.Tensor, ignore: int):
     return emissions, tags.masked_fill(~mask, 0), mask
 
 
-def crf_loss(crf: CRF, logits: torch.Tensor, gold: torch.Tensor, divisor: float, world: int, ignore: int):
+def crf_loss(
+    crf: CRF, logits: torch.Tensor, gold: torch.Tensor, divisor: float, world: int, ignore: int, token: float = 0.0
+):
     """As ``token_loss``: ``(loss to backpropagate, summed loss)``, the CRF's summed negative log-likelihood over
     this process's windows divided as the cross-entropy's sum is (per labelled word), so the learning rates and
-    gradient clipping that suit one suit the other."""
+    gradient clipping that suit one suit the other; plus ``token`` times the words' summed cross-entropy (a model
+    trained by the CRF alone may score words only relative to their neighbours, which argmax cannot read)."""
     emissions, tags, mask = word_emissions(logits, gold, ignore)
     if not len(tags):
         zero = logits.sum() * 0.0
         return zero, zero.detach()
     loss_sum = crf.nll(emissions, tags, mask)
+    if token:
+        ce = torch.nn.functional.cross_entropy(emissions[mask], tags[mask], reduction="sum")
+        loss_sum = loss_sum + token * ce
     return loss_sum * (world / max(1, divisor)), loss_sum

@@ -261,7 +261,8 @@ class Session:
         with autocast(self.device, self.dtype):
             logits = self.forward(**inputs).logits
         if self.crf is not None:
-            loss, loss_sum = crf_loss(self.crf, logits, gold, divisor, self.dist.world, IGNORE)
+            t = self.cfg.train
+            loss, loss_sum = crf_loss(self.crf, logits, gold, divisor, self.dist.world, IGNORE, t.crf_token_loss)
         else:
             loss, loss_sum = token_loss(logits, gold, divisor, self.dist.world)
         return loss, loss_sum, gold, inputs
