@@ -269,7 +269,8 @@ def test_every_command_accepts_what_it_accepted_before_the_reshape():
     added = {c: sorted(set(now[c]) - set(before.get(c, {}))) for c in now}
     assert added["train"] == sorted(
         ["--train", "--validation", "--test", "--data-format", "--validation-fraction", "--types", "--type-map",
-         "--overlaps", "--discontinuous", "--context", "--min-steps", "--case"]
+         "--overlaps", "--discontinuous", "--context", "--min-steps", "--case", "--head-init", "--crf", "--crf-lr",
+         "--crf-token-loss"]
     )  # fmt: skip
 
 

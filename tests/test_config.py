@@ -35,6 +35,8 @@ def test_guide_config_is_the_guide():
             epochs=10,
             min_steps=0,
             case=False,  # the guide reads token types as the tokenizer gives them (RoBERTa: one type)
+            head_init="random",
+            crf=False,  # the guide's head is softmax only
             weight_decay=0.01,
             warmup_ratio=0.0,
             precision="fp32",

@@ -215,3 +215,16 @@ def test_int8_export_and_average_carry_the_scores(crf_run, tagging_run, tmp_path
     assert np.allclose(mean["scores"], (np.array(a["scores"]) + np.array(b["scores"])) / 2)
     with pytest.raises(ValueError, match="train.crf"):
         average_runs([crf_run, tagging_run], tmp_path / "mixed", evaluate_splits=())
+
+
+def test_auto_is_on_with_constrained_decoding_and_a_run_from_before_crf_reads_as_without(caplog):
+    from loratag.config import Config, TrainConfig
+    from loratag.crf import auto_crf
+
+    with caplog.at_level(logging.INFO, logger="loratag"):
+        assert auto_crf(TrainConfig()) is True and auto_crf(TrainConfig(decode="argmax")) is False
+    assert "--crf auto: on (--decode constrained)" in caplog.text
+    assert auto_crf(TrainConfig(crf=False)) is False
+    old_run = {"model": "minilm", "train": {"decode": "constrained"}, "run": {"trainable_params": 1}}
+    assert Config.from_dict(old_run).train.crf is False  # its adapter has no CRF: not read as auto
+    assert Config.from_dict({"model": "minilm", "train": {}}).train.crf is None  # a user's settings file: auto

@@ -28,9 +28,11 @@ def test_minilm_train_evaluate_predict(bionlp_slice, tmp_path, capsys):
     assert main(["train", "--data", str(bionlp_slice), "--out", str(run), "--epochs", "1", "--lr", "3e-3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     cfg = json.loads((run / "config.json").read_text())
-    # LoRA, biases and head: 693,515; with --case auto (on for MiniLM) the token-type table: 2 x 384 more
-    assert cfg["model"] == "minilm" and cfg["run"]["trainable_params"] == 693_515 + 768
-    assert cfg["train"]["case"] is True
+    # LoRA, biases and head: 693,515; with --case auto (on for MiniLM) the token-type table: 2 x 384 more; with
+    # --crf auto (on: constrained decoding) the CRF's 11 x 11 transition scores, 11 start and 11 end scores
+    assert cfg["model"] == "minilm" and cfg["run"]["trainable_params"] == 693_515 + 768 + 143
+    assert cfg["train"]["case"] is True and cfg["train"]["crf"] is True
+    assert (run / "adapter" / "transitions.json").is_file()
     assert json.loads((run / "labels.json").read_text())["I-RNA"] == 10
     assert 0.0 <= summary["test"]["f1"] <= 1.0
     m = json.loads((run / "metrics.json").read_text())["test"]

@@ -165,15 +165,15 @@ class TrainConfig:
     head_init: str = _opt(
         "random",
         "--head-init",
-        "random | labels: the classifier head starts at random (guide) or as the classifier the base's features "
-        "of 256 training windows support (each label's mean feature; LDA), so short runs train the adapter sooner",
+        "random | labels: the head starts as the LDA of the base's features",
         choices=HEAD_INITS,
     )
-    crf: bool = _opt(
-        False,
+    crf: bool | None = _opt(
+        None,
         "--crf",
-        "train a linear-chain CRF over the words' logits with the adapter (its "
-        "transitions.json); constrained decoding adds its scores (a pipeline or plain PEFT does not)",
+        "true | false | auto: train a linear-chain CRF over the words' logits with the adapter (transitions.json); "
+        "constrained decoding adds its scores, a pipeline or plain PEFT does not. auto: on with --decode constrained",
+        auto=True,
     )
     crf_lr: float = _opt(1e-2, "--crf-lr", "learning rate of the CRF's transition scores (--crf), same schedule")
     crf_token_loss: float = _opt(0.0, "--crf-token-loss", "with --crf: plus this times the words' cross-entropy")
@@ -340,6 +340,8 @@ class Config:
         fmt = d.pop("format", FORMAT)
         if fmt != FORMAT:
             raise ValueError(f"{source}: format {fmt!r} is not {FORMAT!r}")
+        if "run" in d and "crf" not in (d.get("train") or {}):  # a run from before --crf: trained without one
+            d["train"] = {**d["train"], "crf": False}
         d.pop("run", None)  # facts about a run (effective batch, windows) that are not settings
         try:
             lora = LoraSettings(**_known(LoraSettings, d.pop("lora", {}) or {}, source, "lora"))

@@ -14,7 +14,7 @@ import torch
 from .. import rundir
 from ..config import DECODINGS, Config
 from ..corpus import load as load_corpus
-from ..crf import CRF, crf_loss
+from ..crf import CRF, auto_crf, crf_loss
 from ..crf import MODULE as CRF_MODULE
 from ..encoding import IGNORE, batches, collate, document_contexts, encode, padded_length
 from ..evaluation import evaluate
@@ -103,13 +103,13 @@ class Session:
             self.labels = LabelSet.load(out / LABELS)
         train_set = self.corpus.splits["train"][: t.max_train_sentences]
         self.tokenizer = load_tokenizer(resolve_model(cfg.model))
-        if t.case is None:  # --case auto: resolved here, so config.json records what the run did
-            self.cfg = cfg = replace(cfg, train=replace(t, case=self._auto_case(cfg)))
+        if t.case is None or t.crf is None:  # auto: resolved here, so config.json records what the run did
+            case = self._auto_case(cfg) if t.case is None else t.case
+            self.cfg = cfg = replace(cfg, train=replace(t, case=case, crf=auto_crf(t)))
             t = cfg.train
         self.model = build_model(cfg, self.labels).to(device)
-        self.crf = None
-        if t.crf:  # on the model, so that the optimizer, DDP, gradient clipping and checkpoints see its scores
-            self.crf = CRF(self.labels.labels).to(device)
+        self.crf = CRF(self.labels.labels).to(device) if t.crf else None
+        if self.crf is not None:  # on the model, so that the optimizer, DDP, gradient clipping, checkpoints see it
             self.model.get_base_model().add_module(CRF_MODULE, self.crf)
         self.setup["model"], phase = time.monotonic() - phase, time.monotonic()
         # by their names in the whole model: a checkpoint inside an epoch is written while the cached layers are cut
