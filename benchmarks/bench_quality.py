@@ -288,6 +288,13 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
         "slice5k-case-row1",
         {"--head-init": "labels"},
     ),
+    "slice5k-fifth-crf": (
+        "slice5k-fifth-row1 with --crf (the defaults after it: auto, on)",
+        "slice5k-fifth-row1",
+        {"--crf": "true"},
+    ),
+    "slice5k-fifth-crf-s43": ("slice5k-fifth-crf, seed 43", "slice5k-fifth-crf", {"--seed": "43"}),
+    "slice5k-fifth-crf-s44": ("slice5k-fifth-crf, seed 44", "slice5k-fifth-crf", {"--seed": "44"}),
     "slice5k-fifth-row1": (
         "the defaults now on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
         "defaults",

@@ -136,6 +136,9 @@ def test_a_crf_run_saves_its_scores_beside_each_adapter_and_serves_the_f1_it_rep
     test = load(cfg.data, cfg.corpus, cfg.train.seed).splits["test"]
     reported = json.loads((crf_run / "metrics.json").read_text())["test"]
     assert evaluate(tagger, test)["f1"] == reported["f1"]
+    argmax = reported["by_decode"]["argmax"]["f1"]
+    assert "CRF (--crf): trained with --crf" in (crf_run / "README.md").read_text()
+    assert f"(test F1 by argmax: {argmax:.4f})" in (crf_run / "README.md").read_text()
     # the scores reach the decoder: a start score that outweighs any word makes every sentence open with B-X
     b = labels[1]
     opens_b = Transitions(kept.scores, tuple(100.0 if x == b else -100.0 for x in labels), kept.end)

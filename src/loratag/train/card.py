@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, is_local_path
+from ..crf import NOTE as CRF_NOTE
 from ..encoding import CASE_NOTE
 from ..labels import LabelSet
 from ..modeling import hub_id
@@ -93,6 +94,10 @@ def write_card(out: Path, cfg: Config, labels: LabelSet, metrics: dict, run: dic
     ]
     if cfg.train.case:
         lines[-1:-1] = ["", f"Token types (--case): {CASE_NOTE}; loratag's Tagger passes them."]
+    if cfg.train.crf:  # what a reader who decodes by argmax (plain PEFT, a pipeline) gets instead
+        argmax = (metrics.get("test") or {}).get("by_decode", {}).get("argmax", {}).get("f1")
+        said = f" (test F1 by argmax: {argmax:.4f})" if argmax is not None else ""
+        lines[-1:-1] = ["", f"CRF (--crf): {CRF_NOTE}{said}."]
     write_atomic(out / CARD, "\n".join(lines).encode("utf-8"))
 
 
