@@ -231,3 +231,9 @@ def test_auto_is_on_with_constrained_decoding_and_a_run_from_before_crf_reads_as
     old_run = {"model": "minilm", "train": {"decode": "constrained"}, "run": {"trainable_params": 1}}
     assert Config.from_dict(old_run).train.crf is False  # its adapter has no CRF: not read as auto
     assert Config.from_dict({"model": "minilm", "train": {}}).train.crf is None  # a user's settings file: auto
+
+
+def test_argmax_asked_of_a_crf_run_is_done_and_said(crf_run, caplog):
+    with caplog.at_level(logging.WARNING, logger="loratag"):
+        tagger = Tagger.load(crf_run, precision="fp32", decode="argmax")
+    assert tagger.decode == "argmax" and "leaves its CRF out" in caplog.text

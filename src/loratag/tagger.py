@@ -68,10 +68,7 @@ class Tagger:
         self.decode = decode
         if context < 0:
             raise ValueError(f"--context must be >= 0 sub-tokens, got {context}")
-        self.context = context
-        """Sub-tokens of document context on each side of a sentence (the run's --context; 0: none)."""
-        self.case = case
-        """The run's --case: each sub-token's token type says whether its word has an upper-case letter."""
+        self.context, self.case = context, case  # the run's --context (sub-tokens each side) and --case (token types)
 
     @property
     def quantized(self) -> dict | None:
@@ -102,6 +99,8 @@ class Tagger:
         kw.setdefault("max_length", ref.max_length)
         if kw.get("decode") is None:  # the decoding the run chose its epoch with; argmax for plain adapters
             kw["decode"] = ref.decode
+        if kw["decode"] == "argmax" and ref.labels.transitions is not None:  # asked for; not what the run scored
+            logging.getLogger("loratag").warning("%s: --decode argmax leaves its CRF out (its card: argmax F1)", path)
         kw.setdefault("context", ref.context)  # as the run was trained: the same context at inference
         kw.setdefault("case", ref.case)
         if quantize not in (None, "int8"):
