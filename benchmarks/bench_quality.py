@@ -295,6 +295,11 @@ ARMS: dict[str, tuple[str, str | None, dict]] = {
     ),
     "slice5k-fifth-crf-s43": ("slice5k-fifth-crf, seed 43", "slice5k-fifth-crf", {"--seed": "43"}),
     "slice5k-fifth-crf-s44": ("slice5k-fifth-crf, seed 44", "slice5k-fifth-crf", {"--seed": "44"}),
+    "defaults-final": (
+        "loratag train with its defaults: 4 epochs, --case auto and --crf auto (both on)",
+        "defaults",
+        {},
+    ),
     "slice5k-fifth-row1": (
         "the defaults now on the first 5,000 sentences, --time-budget a fifth of slice5k-guide-2ep's training time",
         "defaults",
