@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import rundir
-from .labels import TRANSITIONS
+from .labels import TRANSITIONS, LabelSet, Transitions
 
 log = logging.getLogger("loratag")
 
@@ -116,11 +116,11 @@ def average_runs(runs: list[Path], out: Path, overwrite: bool = False, evaluate_
     target.mkdir()
     save_file(tensors, target / rundir.ADAPTER_WEIGHTS, metadata={"format": "pt"})
     rundir.write_json(target / rundir.ADAPTER_CONFIG, config)
-    learned = [f / TRANSITIONS for f in folders]
-    if all(p.is_file() for p in learned):  # --crf runs: the mean of their scores, as their heads are averaged
-        parts = [rundir.read_json(p) for p in learned]
-        mean = {k: torch.tensor([p[k] for p in parts]).mean(0).tolist() for k in ("scores", "start", "end")}
-        rundir.write_json(target / TRANSITIONS, {"labels": parts[0]["labels"], **mean})
+    names = LabelSet.from_mapping(json.loads(labels[0])).labels
+    learned = [Transitions.read(f, names) for f in folders]
+    if all(t is not None for t in learned):  # --crf runs: the mean of their scores, as their heads are averaged
+        mean = [torch.tensor([getattr(t, k) for t in learned]).mean(0).tolist() for k in ("scores", "start", "end")]
+        rundir.write_json(target / TRANSITIONS, Transitions(*mean).to_dict(names))
     (out / rundir.LABELS).write_text(labels[0])
     run_facts = {**cfgs[0].get("run", {}), "averaged_from": [str(r.resolve()) for r in runs], "lora_rank": config["r"]}
     rundir.write_json(out / rundir.CONFIG, {**cfgs[0], "run": run_facts})

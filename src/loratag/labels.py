@@ -30,6 +30,14 @@ class Transitions:
                 "end": list(self.end)}  # fmt: skip
 
     @classmethod
+    def read(cls, folder: Path, labels: Sequence[str]) -> Transitions | None:
+        """``folder/transitions.json`` (an adapter folder), checked against its labels; None where there is none."""
+        path = Path(folder) / TRANSITIONS
+        if not path.is_file():
+            return None
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), labels, str(path))
+
+    @classmethod
     def from_dict(cls, d: dict, labels: Sequence[str], where: str) -> Transitions:
         """Checked against the adapter's label order: scores in another order would decode silently wrong."""
         if list(d.get("labels", [])) != list(labels):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .config import FORMAT, Config
-from .labels import TRANSITIONS, LabelSet, Transitions
+from .labels import LabelSet, Transitions
 
 CONFIG = "config.json"  # the settings (Config) and, under "run", facts about the run
 LABELS = "labels.json"  # label -> id of the classifier head
@@ -265,8 +265,8 @@ def resolve_adapter(path: Path, labels: LabelSet | None = None, base: str | None
     n = head_size(adapter)
     if n != len(labels):
         raise ValueError(f"{path}: the classifier head has {n} classes but the label set has {len(labels)}")
-    if (adapter / TRANSITIONS).is_file():  # a --crf run: constrained decoding adds what its CRF learned
-        learned = Transitions.from_dict(read_json(adapter / TRANSITIONS), labels.labels, str(adapter / TRANSITIONS))
+    learned = Transitions.read(adapter, labels.labels)
+    if learned is not None:  # a --crf run: constrained decoding adds what its CRF learned
         labels = replace(labels, transitions=learned)
     acfg = read_json(adapter / ADAPTER_CONFIG)
     metrics = {}

@@ -141,7 +141,9 @@ def _start_or_resume(s: Session, clock: Clock, resume: bool) -> tuple[TrainState
             path = s.out / rundir.CHECKPOINT
             raise ValueError(f"{path}: the checkpoint was written by {len(tallies)} process(es); resume with as many")
         clock.add_spent(state.spent_seconds)  # a time budget counts the wall time before the crash too
-        s.facts.update({k: v for k, v in rundir.read_json(s.out / rundir.CONFIG)["run"].items() if k == "head_init"})
+        recorded = rundir.read_json(s.out / rundir.CONFIG)["run"]
+        if "head_init" in recorded:  # config.json is written again below: keep what the run's start recorded
+            s.facts["head_init"] = recorded["head_init"]
     planned = sum(state.budget.planned_steps) if state.budget else sum(state.steps)
     opt = Optimizer(s.model, s.cfg.train, planned, s.device, s.dtype)
     opt.ends_at(sum(state.steps))
@@ -224,9 +226,10 @@ def _evaluate_epoch(s: Session, clock: Clock, state: TrainState, mine: Tally) ->
     if improved:
         state.best_f1, state.best_epoch = val["f1"], state.epoch + 1
     if s.dist.main:
+        learned = s.learned()
         if improved:
-            rundir.save_adapter(s.model, s.out / rundir.ADAPTER, s.learned())
-        rundir.save_adapter(s.model, s.out / rundir.LAST, s.learned())
+            rundir.save_adapter(s.model, s.out / rundir.ADAPTER, learned)
+        rundir.save_adapter(s.model, s.out / rundir.LAST, learned)
     state.history.append(entry)
     log.info(
         "epoch %d/%d  loss %.4f  val P %.4f R %.4f F1 %.4f untyped %.4f (%s)  %.0f s  %.0f tok/s%s",

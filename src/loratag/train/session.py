@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .. import rundir
 from ..config import DECODINGS, Config
 from ..corpus import load as load_corpus
 from ..crf import CRF, auto_crf, crf_loss
@@ -268,21 +267,19 @@ class Session:
         return loss, loss_sum, gold, inputs
 
     def learned(self) -> dict:
-        """What is saved beside the adapter: the CRF's scores (``transitions.json``), and the evaluator told them."""
-        if self.crf is None:
-            return {}
-        scores = self.crf.export()
-        self.evaluator.labels = replace(self.labels, transitions=scores)
-        return {TRANSITIONS: scores.to_dict(self.labels.labels)}
+        """What is saved beside the adapter: the CRF scores validation just decoded with (``transitions.json``)."""
+        scores = self.evaluator.labels.transitions
+        return {} if scores is None else {TRANSITIONS: scores.to_dict(self.labels.labels)}
 
     def keep_learned(self, adapter: Path) -> None:
         """The kept epoch's CRF scores back into the CRF and the evaluator (its adapter weights are loaded already)."""
         if self.crf is None:
             return
-        kept = Transitions.from_dict(rundir.read_json(adapter / TRANSITIONS), self.labels.labels, str(adapter))
+        kept = Transitions.read(adapter, self.labels.labels)
         self.crf.load(kept)
         self.evaluator.labels = replace(self.labels, transitions=kept)
 
     def validate(self) -> dict:
-        self.learned()
+        if self.crf is not None:  # the evaluator decodes with the scores as they are now
+            self.evaluator.labels = replace(self.labels, transitions=self.crf.export())
         return evaluate(self.evaluator, self.corpus.splits["validation"], self.progress, self.dist, DECODINGS)
