@@ -185,6 +185,9 @@ def test_served_beside_a_run_without_crf_each_answers_as_alone(crf_run, tagging_
         for g, a in zip(got, alone):
             assert g.labels == a.labels
             assert g.scores == pytest.approx(a.scores, abs=1e-4)
+    # the rows of the CRF run decode with its scores (each adapter's label set carries its own)
+    served = {a.name: a.labels.transitions for a in pool.adapters.values()}
+    assert served["crf"] == Tagger.load(crf_run, precision="fp32").labels.transitions and served["plain"] is None
 
 
 def test_the_optimizer_gives_the_crf_its_own_rate_and_no_decay():

@@ -28,9 +28,20 @@ def test_the_discriminant_separates_labels_and_keeps_an_absent_one_possible():
 
 
 def test_a_run_with_a_label_aware_head_records_it_and_starts_from_it(tiny_cfg, tmp_path):
-    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, head_init="labels", epochs=1))
-    run = train(cfg, tmp_path / "run", progress=False, stop_after_steps=1)
+    from safetensors.torch import load_file
+
+    def head_after_one_tiny_step(head_init):
+        cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, head_init=head_init, epochs=1, lr=1e-12))
+        run = train(cfg, tmp_path / head_init, progress=False, stop_after_steps=1)
+        tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+        return run, next(v for k, v in tensors.items() if "classifier" in k and k.endswith("weight"))
+
+    run, head = head_after_one_tiny_step("labels")
     facts = json.loads((run / "config.json").read_text())["run"]["head_init"]
     assert facts["words"] > 0 and facts["windows"] > 0 and 0 <= facts["sample_accuracy"] <= 1
+    # the discriminant's rows are centred (their sum over labels is 0); a random head's are not
+    assert head.sum(0).abs().max() < 1e-4 * head.abs().max()
+    _, random_head = head_after_one_tiny_step("random")
+    assert random_head.sum(0).abs().max() > 1e-2 * random_head.abs().max()
     with pytest.raises(ValueError, match="--head-init"):
         replace(tiny_cfg.train, head_init="lda")
